@@ -1,0 +1,76 @@
+"""Deployment settings: one pydantic-settings class read from ``ATELIER_*`` env vars and ``.env``.
+
+Experiment hyper-parameters live in dataclasses next to the models; this class only holds what
+changes between machines: where the data and the run folder are, which database and which LLM.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(RuntimeError):
+    """A setting is missing or wrong; the message names the setting and how to set it."""
+
+
+def _default_data_dir() -> Path | None:
+    """The shared benchmark data beside the checkout (``../shared/data``), when it is there."""
+    for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[3]):
+        candidate = base.parent / "shared" / "data"
+        if (candidate / "hm").is_dir() or (candidate / "rtr").is_dir():
+            return candidate
+    return None
+
+
+class Settings(BaseSettings):
+    """Where data, artifacts, the database and the LLM are; every field is an ``ATELIER_`` env var."""
+
+    model_config = SettingsConfigDict(env_prefix="ATELIER_", env_file=".env", extra="ignore")
+
+    data_dir: Path | None = Field(
+        default_factory=_default_data_dir,
+        description="Folder with hm/, rtr/, myntra/ (default: ../shared/data when present).",
+    )
+    run_dir: Path = Field(default=Path("runs"), description="Artifacts: ingested data, vocab, models, reports.")
+    # Read without the prefix too: DATABASE_URL is the name every PostgreSQL tool knows.
+    database_url: str = Field(
+        default="",
+        validation_alias="DATABASE_URL",
+        description="PostgreSQL with pgvector; empty = embedded server under the run folder.",
+    )
+    llm_backend: str = Field(default="embedded", description="embedded | openai | fake")
+    llm_base_url: str = Field(default="", description="OpenAI-compatible server URL (openai backend).")
+    llm_model: str = Field(default="", description="Model name on the server (openai backend).")
+    llm_api_key: str = Field(default="", description="API key for the server (openai backend).")
+    api_key: str = Field(default="", description="Key that write endpoints of the web service require.")
+
+    @field_validator("run_dir", mode="after")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    def require_data_dir(self) -> Path:
+        """The data folder, or a SettingsError that says how to set it."""
+        if self.data_dir is None:
+            raise SettingsError(
+                "no data folder: set ATELIER_DATA_DIR (or pass --data-dir) to a folder holding "
+                "hm/, rtr/ or myntra/ (the shared benchmark data was not found beside the checkout)"
+            )
+        data_dir = self.data_dir.expanduser()
+        if not data_dir.is_dir():
+            raise SettingsError(f"ATELIER_DATA_DIR={data_dir} is not a folder")
+        return data_dir
+
+    def dataset_dir(self, dataset: str) -> Path:
+        """Where the ingested Parquet files of one dataset live."""
+        return self.run_dir / "data" / dataset
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (read once)."""
+    return Settings()
