@@ -18,6 +18,7 @@ column-mapping TOML file (see ``read_custom``).
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import json
@@ -77,14 +78,17 @@ class IngestResult:
 # --------------------------------------------------------------------------- CSV reading
 
 
-def _open_text_head(path: Path) -> str:
+def _open_text_head(path: Path, encoding: str = "utf-8") -> str:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as fh:
             head = fh.readline()
     except (OSError, EOFError) as exc:
         raise IngestError(f"{path}: cannot read: {exc}") from None
-    return head.decode("utf-8", errors="replace")
+    try:
+        return head.decode(encoding)
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise IngestError(f"{path}: cannot read the header row as {encoding}: {exc}") from None
 
 
 def read_csv_strings(
@@ -96,7 +100,7 @@ def read_csv_strings(
     """
     if not path.is_file():
         raise IngestError(f"{path}: file not found")
-    if path.stat().st_size == 0 or not _open_text_head(path).strip():
+    if path.stat().st_size == 0 or not _open_text_head(path, encoding).strip():
         raise IngestError(f"{path}: file is empty (expected a header row)")
     header = _header(path, encoding)
     missing = [c for c in required if c not in header]
@@ -137,11 +141,8 @@ def read_csv_strings(
 
 
 def _header(path: Path, encoding: str) -> list[str]:
-    try:
-        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(encoding=encoding))
-    except pa.ArrowInvalid as exc:
-        raise IngestError(f"{path}: cannot read the header row: {exc}") from None
-    return [c.strip() for c in reader.schema.names]
+    line = _open_text_head(path, encoding).lstrip("\ufeff")
+    return [c.strip() for c in next(csv.reader([line]))]
 
 
 def _reject_rows(
@@ -151,10 +152,11 @@ def _reject_rows(
     if not bad.any():
         return frame
     dropped = frame[bad]
-    raw = dropped.drop(columns=["_line"]).astype(str).agg(",".join, axis=1).str.slice(0, RAW_PREVIEW_CHARS)
+    cells = dropped.drop(columns=["_line"]).astype(object).to_numpy()
     rejects.extend(
-        {"source": source, "line": int(line), "reason": reason, "raw": text}
-        for line, text in zip(dropped["_line"], raw, strict=True)
+        {"source": source, "line": int(line), "reason": reason,
+         "raw": ",".join("" if pd.isna(v) else str(v) for v in row)[:RAW_PREVIEW_CHARS]}
+        for line, row in zip(dropped["_line"], cells, strict=True)
     )
     return frame[~bad]
 
