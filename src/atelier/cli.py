@@ -1,0 +1,150 @@
+"""The ``atelier`` command line: one thin command per pipeline stage.
+
+Pipeline (each stage resumable; artifacts under the run folder, default ./runs):
+
+    ingest    raw catalogues + interactions -> Parquet (runs/data/<dataset>/)
+    vocab     catalogue columns -> STD item JSON, coverage report, dual vocabulary (runs/vocab/)
+    evaluate  baselines and models scored on a time split (runs/reports/)
+    run       the whole pipeline as far as it exists, then the evaluation table
+
+Exit codes: 0 success, 1 a stage failed (the message says why), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from atelier.config import Settings, SettingsError, get_settings
+from atelier.ingest import DATASETS, IngestError, IngestResult, ingest
+
+app = typer.Typer(
+    help=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],  # type: ignore[union-attr]
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+DataDirOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="Folder with hm/, rtr/, myntra/ [env: ATELIER_DATA_DIR]")
+]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Artifact folder [env: ATELIER_RUN_DIR]")]
+
+
+class StageError(RuntimeError):
+    """A stage failed in a way the user can fix; the CLI prints it and exits 1."""
+
+
+def _settings(data_dir: Path | None, run_dir: Path | None) -> Settings:
+    overrides: dict[str, object] = {}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    if run_dir is not None:
+        overrides["run_dir"] = run_dir
+    return get_settings().model_copy(update=overrides) if overrides else get_settings()
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Run a stage; known errors become a one-line message and exit code 1."""
+    try:
+        return fn()
+    except (SettingsError, IngestError, StageError, ValueError) as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: finished steps are kept; run the command again to resume")
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def stage_progress(title: str) -> Iterator[Progress]:
+    """A rich progress display for one stage (bars for counted work, spinners for steps)."""
+    with Progress(
+        SpinnerColumn(), TextColumn(f"[bold]{title}[/] {{task.description}}"), BarColumn(),
+        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+        console=console, transient=False, disable=not console.is_terminal and bool(os.environ.get("CI")),
+    ) as progress:
+        yield progress
+
+
+@app.callback()
+def _group() -> None:
+    """Keeps ``atelier`` a command group even while a stage has a single command."""
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def run_ingest(settings: Settings, datasets: list[str], force: bool = False) -> list[IngestResult]:
+    """Ingest datasets from the data folder with a progress bar; returns one result per dataset."""
+    data_dir = settings.require_data_dir()
+    results = []
+    with stage_progress("ingest") as progress:
+        task = progress.add_task("", total=len(datasets))
+        for name in datasets:
+            def step(msg: str, name: str = name) -> None:
+                progress.update(task, description=f"{name}: {msg}")
+
+            results.append(ingest(name, data_dir / name, settings.run_dir / "data", force=force, on_step=step))
+            progress.advance(task)
+        progress.update(task, description="done")
+    return results
+
+
+def print_ingest(results: list[IngestResult]) -> None:
+    """Counts per dataset, rejects by reason, cleaned values."""
+    table = Table(title="ingest")
+    for col in ("dataset", "items", "interactions", "users", "rejected", "seconds", "cached"):
+        table.add_column(col, justify="right" if col not in ("dataset",) else "left")
+    for r in results:
+        table.add_row(r.dataset, f"{r.counts['items']:,}", f"{r.counts['interactions']:,}",
+                      f"{r.counts['users']:,}", f"{r.counts['rejected_rows']:,}", f"{r.seconds:.2f}",
+                      "yes" if r.cached else "no")
+    console.print(table)
+    for r in results:
+        for reason, n in {**r.rejects, **r.notes}.items():
+            console.print(f"  {r.dataset}: {n:,} × {reason}")
+
+
+@app.command("ingest")
+def ingest_cmd(
+    dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="hm, rtr, myntra (repeat); default all")] = None,
+    source: Annotated[Path | None, typer.Option(help="A column-mapping TOML for a custom catalogue")] = None,
+    force: Annotated[bool, typer.Option(help="Re-read sources even if unchanged")] = False,
+    data_dir: DataDirOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Read raw catalogues and interactions into normalised Parquet tables with a manifest."""
+    settings = _settings(data_dir, run_dir)
+    if source is not None:
+        result = _run(lambda: ingest("custom", source, settings.run_dir / "data", force=force))
+        print_ingest([result])
+        return
+    names = dataset or list(DATASETS)
+    unknown = [n for n in names if n not in DATASETS]
+    if unknown:
+        err.print(f"[bold red]error:[/] unknown dataset {unknown}; choose from {list(DATASETS)} or pass --source")
+        raise typer.Exit(2)
+    print_ingest(_run(lambda: run_ingest(settings, names, force)))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    """Entry point that keeps tracebacks for unexpected errors only."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+
