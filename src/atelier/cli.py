@@ -12,6 +12,7 @@ Exit codes: 0 success, 1 a stage failed (the message says why), 2 bad usage.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -60,7 +61,7 @@ def _run(fn: Callable[[], T]) -> T:
     """Run a stage; known errors become a one-line message and exit code 1."""
     try:
         return fn()
-    except (SettingsError, IngestError, StageError, ValueError) as exc:
+    except (SettingsError, IngestError, StageError, ValueError, OSError) as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
@@ -138,6 +139,68 @@ def ingest_cmd(
         err.print(f"[bold red]error:[/] unknown dataset {unknown}; choose from {list(DATASETS)} or pass --source")
         raise typer.Exit(2)
     print_ingest(_run(lambda: run_ingest(settings, names, force)))
+
+
+# --------------------------------------------------------------------------- vocab
+
+
+def run_vocab(settings: Settings, datasets: list[str]) -> tuple[Path, list[dict[str, object]]]:
+    """Column item JSON per ingested dataset, the coverage report and one shared vocabulary."""
+    from atelier.catalogue import column_items, coverage_report, write_items_jsonl
+    from atelier.ingest import load_tables
+    from atelier.schema import load_schema
+    from atelier.vocab import build_vocab
+
+    schema = load_schema()
+    all_items = []
+    reports = []
+    with stage_progress("vocab") as progress:
+        task = progress.add_task("", total=len(datasets))
+        for name in datasets:
+            progress.update(task, description=f"{name}: STD values from columns")
+            items_df = load_tables(settings.dataset_dir(name))[0]
+            items = column_items(items_df, name, schema)
+            write_items_jsonl(items, settings.run_dir / "items" / f"{name}.columns.jsonl")
+            reports.append(coverage_report(items_df, name, schema))
+            all_items.extend(items)
+            progress.advance(task)
+        vocab = build_vocab(schema, all_items)
+        path = settings.run_dir / "vocab" / "vocab.json"
+        vocab.save(path)
+        report_path = settings.run_dir / "reports" / "coverage.json"
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(reports, indent=2))
+        progress.update(task, description=f"done: {vocab.std_size} STD ids, version {vocab.version}")
+    return path, reports
+
+
+def print_coverage(reports: list[dict[str, object]]) -> None:
+    """Share of items that get each STD field from catalogue columns alone."""
+    table = Table(title="STD coverage from catalogue columns (share of items)")
+    table.add_column("field")
+    for r in reports:
+        table.add_column(f"{r['dataset']} ({r['items']:,})", justify="right")
+    fields = list(dict.fromkeys(f for r in reports for f in r["coverage"]))  # type: ignore[attr-defined]
+    for f in fields:
+        table.add_row(f, *[f"{r['coverage'].get(f, 0.0):.3f}" for r in reports])  # type: ignore[attr-defined]
+    console.print(table)
+
+
+@app.command("vocab")
+def vocab_cmd(
+    dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="Ingested datasets to include")] = None,
+    data_dir: DataDirOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Map catalogue columns to STD values, report coverage, build the dual vocabulary."""
+    settings = _settings(data_dir, run_dir)
+    names = dataset or [n for n in DATASETS if (settings.dataset_dir(n) / "manifest.json").is_file()]
+    if not names:
+        err.print("[bold red]error:[/] nothing ingested yet; run `atelier ingest` first")
+        raise typer.Exit(1)
+    path, reports = _run(lambda: run_vocab(settings, names))
+    print_coverage(reports)
+    console.print(f"vocabulary: {path}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -201,32 +201,15 @@ def read_hm(folder: Path) -> Tables:
                        "article_id is not a 10-digit id", art_path.name, rejects)
     art = _reject_rows(art, art["article_id"].duplicated(), "duplicate article_id", art_path.name, rejects)
 
-    tx = read_csv_strings(tx_path, HM_TRANSACTION_COLUMNS, rejects)
-    tx["article_id"] = tx["article_id"].str.strip()
-    tx["ts"] = pd.to_datetime(tx["t_dat"], format="%Y-%m-%d", errors="coerce")
-    tx["price"] = pd.to_numeric(tx["price"], errors="coerce")
-    tx["sales_channel_id"] = pd.to_numeric(tx["sales_channel_id"], errors="coerce").astype("Int8")
-    tx = _reject_rows(tx, tx["ts"].isna(), "t_dat is not a YYYY-MM-DD date", tx_path.name, rejects)
-    tx = _reject_rows(tx, _blank(tx["customer_id"]), "customer_id is empty", tx_path.name, rejects)
-    tx = _reject_rows(tx, tx["price"].isna() | (tx["price"] < 0), "price is not a non-negative number",
-                      tx_path.name, rejects)
-    tx = _reject_rows(tx, ~tx["article_id"].isin(art["article_id"]), "article_id not in the catalogue",
-                      tx_path.name, rejects)
+    tx = _hm_transactions(tx_path, art["article_id"], rejects)
 
     items = art.drop(columns=["_line"]).rename(columns={"article_id": "item_id"})
     items.insert(1, "title", items["prod_name"].fillna(""))
     items.insert(2, "description", items["detail_desc"].fillna(""))
     items.insert(3, "group_id", items["product_code"])
-    median_price = tx.groupby("article_id")["price"].median()
+    median_price = tx.groupby("item_id")["price"].median()
     items.insert(4, "price", items["item_id"].map(median_price).astype("float64"))
-
-    interactions = pd.DataFrame({
-        "user_id": tx["customer_id"].astype("string"),
-        "item_id": tx["article_id"].astype("string"),
-        "ts": tx["ts"],
-        "price": tx["price"].astype("float64"),
-        "sales_channel_id": tx["sales_channel_id"],
-    }).reset_index(drop=True)
+    interactions = tx
     users = (interactions.groupby("user_id", sort=True).size().rename("n_interactions")
              .reset_index())
     return Tables(items.reset_index(drop=True), interactions, users, _rejects_frame(rejects),
@@ -235,21 +218,40 @@ def read_hm(folder: Path) -> Tables:
 
 # --------------------------------------------------------------------------- RentTheRunway
 
+def _hm_transactions(path: Path, known_items: pd.Series, rejects: list[dict[str, object]]) -> pd.DataFrame:
+    """H&M purchases in the Kaggle ``transactions_train.csv`` format, validated row by row."""
+    tx = read_csv_strings(path, HM_TRANSACTION_COLUMNS, rejects)
+    tx["article_id"] = tx["article_id"].str.strip()
+    tx["ts"] = pd.to_datetime(tx["t_dat"], format="%Y-%m-%d", errors="coerce")
+    tx["price"] = pd.to_numeric(tx["price"], errors="coerce")
+    tx["sales_channel_id"] = pd.to_numeric(tx["sales_channel_id"], errors="coerce").astype("Int8")
+    tx = _reject_rows(tx, tx["ts"].isna(), "t_dat is not a YYYY-MM-DD date", path.name, rejects)
+    tx = _reject_rows(tx, _blank(tx["customer_id"]), "customer_id is empty", path.name, rejects)
+    tx = _reject_rows(tx, tx["price"].isna() | (tx["price"] < 0), "price is not a non-negative number",
+                      path.name, rejects)
+    tx = _reject_rows(tx, ~tx["article_id"].isin(known_items), "article_id not in the catalogue",
+                      path.name, rejects)
+    return pd.DataFrame({
+        "user_id": tx["customer_id"].str.strip().astype("string"),
+        "item_id": tx["article_id"].astype("string"),
+        "ts": tx["ts"],
+        "price": tx["price"].astype("float64"),
+        "sales_channel_id": tx["sales_channel_id"],
+    }).reset_index(drop=True)
+
+
 RTR_COLUMNS = ("user_id", "item_id", "rating", "fit", "rented_for", "body_type", "category", "size",
                "age", "height_in", "weight_lbs", "review_date")
 LB_TO_KG, IN_TO_CM = 0.45359237, 2.54
 
 
-def read_rtr(folder: Path) -> Tables:
-    """RentTheRunway: ``rentals.csv.gz``, one row per reviewed rental with the renter's profile."""
-    rejects: list[dict[str, object]] = []
-    path = folder / "rentals.csv.gz"
+def _rtr_rentals(path: Path, rejects: list[dict[str, object]], notes: dict[str, int]) -> pd.DataFrame:
+    """Rentals validated, profile units made metric, implausible values cleared; oldest first."""
     raw = read_csv_strings(path, RTR_COLUMNS, rejects)
     raw["ts"] = pd.to_datetime(raw["review_date"], format="%Y-%m-%d", errors="coerce")
     raw = _reject_rows(raw, raw["ts"].isna(), "review_date is not a YYYY-MM-DD date", path.name, rejects)
     raw = _reject_rows(raw, _blank(raw["user_id"]) | _blank(raw["item_id"]), "user_id or item_id is empty",
                        path.name, rejects)
-    notes: dict[str, int] = {}
     num = {c: pd.to_numeric(raw[c], errors="coerce") for c in ("rating", "size", "age", "height_in", "weight_lbs")}
     raw = raw.assign(
         rating=num["rating"], size=num["size"], age=num["age"],
@@ -257,9 +259,11 @@ def read_rtr(folder: Path) -> Tables:
     )
     for column in ("height_cm", "weight_kg", "age"):
         _clean_range(raw, column, notes)
+    return raw.sort_values(["ts", "_line"], kind="stable").reset_index(drop=True)
 
-    raw = raw.sort_values(["ts", "_line"], kind="stable")
-    interactions = pd.DataFrame({
+
+def _rtr_interactions(raw: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
         "user_id": raw["user_id"].str.strip().astype("string"),
         "item_id": raw["item_id"].str.strip().astype("string"),
         "ts": raw["ts"],
@@ -269,6 +273,15 @@ def read_rtr(folder: Path) -> Tables:
         "size": raw["size"].astype("float64"),
         "category": raw["category"].astype("string"),
     }).reset_index(drop=True)
+
+
+def read_rtr(folder: Path) -> Tables:
+    """RentTheRunway: ``rentals.csv.gz``, one row per reviewed rental with the renter's profile."""
+    rejects: list[dict[str, object]] = []
+    path = folder / "rentals.csv.gz"
+    notes: dict[str, int] = {}
+    raw = _rtr_rentals(path, rejects, notes)
+    interactions = _rtr_interactions(raw)
     # Profile = the latest known value of each field (people's weight changes between rentals).
     profile_cols = ["height_cm", "weight_kg", "age", "body_type", "bust_size_num", "bust_size_letter"]
     present = [c for c in profile_cols if c in raw.columns]
@@ -427,6 +440,18 @@ def read_custom(mapping_file: Path) -> Tables:
         users = interactions.groupby("user_id").size().rename("n_interactions").reset_index()
         sources.append(inter_path)
     return Tables(items, interactions, users, _rejects_frame(rejects), sources)
+
+
+def read_interactions_file(dataset: str, path: Path, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Interactions from a file in the dataset's own format (``--test-file``) and its rejects."""
+    rejects: list[dict[str, object]] = []
+    if dataset == "hm":
+        frame = _hm_transactions(path, items["item_id"], rejects)
+    elif dataset == "rtr":
+        frame = _rtr_interactions(_rtr_rentals(path, rejects, {}))
+    else:
+        raise IngestError(f"--test-file is supported for hm and rtr, not {dataset!r}")
+    return frame, _rejects_frame(rejects)
 
 
 # --------------------------------------------------------------------------- orchestration
