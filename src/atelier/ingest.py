@@ -416,7 +416,8 @@ def read_custom(mapping_file: Path) -> Tables:
         "group_id": raw[roles["group_id"]] if "group_id" in roles else raw[id_col],
         "price": pd.to_numeric(raw[roles["price"]], errors="coerce") if "price" in roles else np.nan,
     })
-    extra = raw.drop(columns=[c for c in [*roles.values(), "_line"] if c in raw.columns])
+    # Source columns ride along, except where they would shadow a canonical column.
+    extra = raw.drop(columns=[c for c in [*roles.values(), *items.columns, "_line"] if c in raw.columns])
     items = pd.concat([items, extra], axis=1).reset_index(drop=True)
     sources = [item_path]
 

@@ -1,0 +1,46 @@
+# atelier task file. `make run` and `make test` are the README's two commands: each installs
+# what is missing first (a venv in .venv), so both work on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup run test test-all lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU wheel on disk; anything else fetches a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	$(MAKE) --no-print-directory .build/lightfm.installed
+	touch $@
+
+# LightFM 1.17 (the peer baseline) only builds with setuptools < 70 and no build isolation;
+# build its wheel in a throwaway venv so the project venv keeps a current setuptools.
+.build/lightfm.installed:
+	$(PY) -m venv .build/lightfm-venv
+	.build/lightfm-venv/bin/pip install -q "setuptools<70" wheel cython numpy scipy
+	.build/lightfm-venv/bin/pip wheel -q --no-build-isolation --no-deps -w .build/wheels "lightfm==1.17"
+	$(BIN)/pip install -q .build/wheels/lightfm-1.17-*.whl
+	touch $@
+
+run: setup  ## the main job: the whole pipeline on ../shared/data (or ATELIER_DATA_DIR)
+	$(BIN)/atelier run
+
+test: setup  ## the default test suite (slow tests excluded)
+	$(BIN)/pytest -q -m "not slow"
+
+test-all: setup
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .build runs .pytest_cache .mypy_cache .ruff_cache
