@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from atelier.models.item_tower import (
+    CheckpointError,
+    ItemInputs,
+    ItemTower,
+    ItemTowerConfig,
+    encode_items,
+    item_inputs,
+    load_checkpoint,
+    save_checkpoint,
+)
+from atelier.models.losses import info_nce
+from atelier.models.views import ViewConfig, complementary_masks, make_views
+from atelier.schema import ItemJSON, load_schema
+from atelier.train import TrainItemConfig, lr_at, train_item_tower
+from atelier.vocab import Vocab, build_vocab
+
+
+@pytest.fixture(scope="module")
+def vocab() -> Vocab:
+    return build_vocab(load_schema())
+
+
+def _items() -> list[ItemJSON]:
+    colours = ["black", "white", "red", "navy", "beige", "pink", "green", "gray"]
+    kinds = [("02top_06tshirt", "top"), ("03bottom_02pants", "bottom"), ("04onepiece_01dress", "onepiece"),
+             ("01outer_01coat", "outer")]
+    return [
+        ItemJSON(item_id=f"i{i}",
+                 clothes={"category": [kinds[i % 4][0]], "category_specification": [kinds[i % 4][1]],
+                          "color": [colours[i % 8]], "gender": ["female" if i % 3 else "male"]},
+                 reinforced_feature_value={"style": [f"style word {i % 5}"], "fit": ["relaxed" if i % 2 else "boxy"]})
+        for i in range(64)
+    ]
+
+
+def _config(vocab: Vocab, **kw: object) -> ItemTowerConfig:
+    return ItemTowerConfig(vocab.std_size, vocab.re_size, vocab.field_size, n_text=1, d_model=32, n_layers=1,
+                           n_heads=2, out_dim=16, title_field_id=vocab.field_id("title"),
+                           description_field_id=vocab.field_id("description"), **kw)  # type: ignore[arg-type]
+
+
+def _inputs(vocab: Vocab) -> ItemInputs:
+    gen = torch.Generator().manual_seed(0)
+    return item_inputs(_items(), vocab, torch.randn(64, 384, generator=gen))
+
+
+def test_shapes_and_unit_norm(vocab: Vocab) -> None:
+    torch.manual_seed(0)
+    model = ItemTower(_config(vocab)).eval()
+    x = _inputs(vocab)
+    z = model(x)
+    assert z.shape == (64, 16)
+    assert torch.allclose(z.norm(dim=-1), torch.ones(64), atol=1e-5)
+    # An item with no tokens and no text still gets a finite vector (the [CLS] token is always there).
+    empty = item_inputs([ItemJSON(item_id="e")], vocab, torch.zeros(1, 384))
+    assert not empty.text_mask.any() and torch.isfinite(model(empty)).all()
+
+
+def test_stop_gradient_keeps_re_out_of_std_table(vocab: Vocab) -> None:
+    model = ItemTower(_config(vocab))
+    items = [ItemJSON(item_id="a", reinforced_feature_value={"style": ["gorpcore"]})]
+    x = item_inputs(items, vocab, torch.zeros(1, 384))  # no STD tokens, no text: only the RE token
+    parent = int(x.tokens.re_parent_ids[0, 0])
+    model(x).sum().backward()
+    assert model.emb_std.weight.grad is None or model.emb_std.weight.grad[parent].abs().sum() == 0
+    assert model.emb_re.weight.grad[int(x.tokens.re_ids[0, 0])].abs().sum() > 0
+
+
+def test_views_are_complementary(vocab: Vocab) -> None:
+    real = torch.rand(200, 12) < 0.7
+    a, b = complementary_masks(real, 0.8, share=0.0, generator=torch.Generator().manual_seed(0))
+    assert not (a & b).any() and torch.equal(a | b, real)
+    a, b = complementary_masks(real, 0.8, share=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a | b, real) and (a & b).any()
+    x = _inputs(vocab)
+    va, vb = make_views(x, ViewConfig(feature_dropout=0.0), torch.Generator().manual_seed(0))
+    # A is STD-heavy, B is RE-heavy.
+    assert va.tokens.std_mask.sum() > vb.tokens.std_mask.sum()
+    assert vb.tokens.re_mask.sum() > va.tokens.re_mask.sum()
+    assert torch.equal(va.tokens.std_mask | vb.tokens.std_mask, x.tokens.std_mask)
+
+
+PINNED = [-0.1509894, 0.5536135, 0.0453959, -0.1971134]
+
+
+def test_fixed_seed_regression(vocab: Vocab) -> None:
+    torch.manual_seed(1234)
+    model = ItemTower(_config(vocab)).eval()
+    z = model(_inputs(vocab))
+    torch.manual_seed(1234)
+    again = ItemTower(_config(vocab)).eval()(_inputs(vocab))
+    assert torch.equal(z, again)
+    # Pinned values: they change only when the architecture, its initialisation or tensorisation does.
+    assert z[0, :4].tolist() == pytest.approx(PINNED, abs=1e-4)
+
+
+def test_info_nce_prefers_matching_rows() -> None:
+    a = torch.nn.functional.normalize(torch.randn(8, 4), dim=-1)
+    assert info_nce(a, a) < info_nce(a, a.roll(1, 0))
+    with pytest.raises(AssertionError):
+        info_nce(a, a[:4])
+
+
+def test_overfits_one_tiny_batch(vocab: Vocab) -> None:
+    x = _inputs(vocab)
+    model, history = train_item_tower(x, _config(vocab, dropout=0.0),
+                                      TrainItemConfig(epochs=30, batch_size=64, lr=3e-3, warmup_frac=0.1))
+    losses = [e["loss"] for e in history["epochs"]]
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_lr_schedule() -> None:
+    assert lr_at(0, 100, 10) == pytest.approx(0.1)
+    assert lr_at(10, 100, 10) == pytest.approx(1.0)
+    assert lr_at(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_checkpoint_round_trip(vocab: Vocab, tmp_path: Path) -> None:
+    model = ItemTower(_config(vocab)).eval()
+    x = _inputs(vocab)
+    path = tmp_path / "tower.pt"
+    save_checkpoint(model, path, vocab.to_dict(), {"history": {}})
+    loaded, payload = load_checkpoint(path)
+    assert payload["schema_version"] == vocab.schema_version
+    assert (encode_items(model, x) == encode_items(loaded, x)).all()
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="run `atelier train item` first"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"kind": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an item tower"):
+        load_checkpoint(tmp_path / "other.pt")
