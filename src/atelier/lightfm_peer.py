@@ -41,17 +41,22 @@ def _same_partition(a: pd.Series, b: pd.Series) -> bool:
 
 def default_feature_columns(items: pd.DataFrame, max_distinct: int = MAX_DISTINCT_VALUES) -> list[str]:
     """Categorical attribute columns: not an id/text/price column, fewer than ``max_distinct`` values."""
+    # A column with a single value puts the same feature on every item: no information, only
+    # dilution of the identity feature, so it needs at least two values.
+    candidates = [c for c in items.columns
+                  if c not in _NON_FEATURE_COLUMNS and 2 <= items[c].nunique(dropna=True) < max_distinct]
+    # H&M ships many attributes twice (``colour_group_code`` and ``colour_group_name``); an exact
+    # relabelling adds no information and would only double that attribute's weight after row
+    # normalisation, so keep one of each such pair: the readable one, i.e. the longer values
+    # ("Ladieswear" rather than "A"), which makes feature names legible.
+    def mean_length(column: str) -> float:
+        return float(items[column].dropna().astype(str).str.len().mean())
+
     chosen: list[str] = []
-    for column in items.columns:
-        if column in _NON_FEATURE_COLUMNS or items[column].nunique(dropna=True) >= max_distinct:
-            continue
-        # H&M ships each attribute twice (``colour_group_code`` and ``colour_group_name``); an exact
-        # relabelling adds no information and would only double that attribute's weight after
-        # row normalisation, so keep the first of each such pair.
-        if any(_same_partition(items[column], items[kept]) for kept in chosen):
-            continue
-        chosen.append(column)
-    return chosen
+    for column in sorted(candidates, key=mean_length, reverse=True):
+        if not any(_same_partition(items[column], items[kept]) for kept in chosen):
+            chosen.append(column)
+    return [c for c in candidates if c in chosen]  # the catalogue's own column order
 
 
 def item_feature_matrix(items: pd.DataFrame, columns: Sequence[str]) -> tuple[sp.csr_matrix, list[str]]:
@@ -87,8 +92,8 @@ class LightFMRecommender(Recommender):
     def __init__(
         self,
         no_components: int = 64,
-        epochs: int = 10,
-        learning_rate: float = 0.05,
+        epochs: int = 20,
+        learning_rate: float = 0.3,
         item_alpha: float = 1e-6,
         feature_columns: Sequence[str] | None = None,
         after_repurchase: bool = False,
@@ -97,6 +102,9 @@ class LightFMRecommender(Recommender):
         seed: int = 0,
         batch_users: int = 512,
     ) -> None:
+        # Defaults tuned on H&M (train to 2020-09-18, test 19-20, checked on a 18th-day validation
+        # split): WARP on three days of sparse purchases underfits at lightfm's usual learning
+        # rate 0.05; 0.3 for 20 epochs was best (0.5 got worse again), fitting in ~30 s on 2 cores.
         self.no_components = no_components
         self.epochs = epochs
         self.learning_rate = learning_rate
@@ -137,9 +145,9 @@ class LightFMRecommender(Recommender):
         self.user_index = {str(u): i for i, u in enumerate(users)}
         # Binary matrix: a repeated purchase counts once. WARP learns a ranking from the set of
         # positives; weighting repeats would mainly over-train multi-packs bought in one basket.
+        cols = item_pos[known].to_numpy(dtype=np.int64)
         matrix = sp.coo_matrix(
-            (np.ones(int(known.sum()), dtype=np.float32), (user_pos, item_pos[known].to_numpy(dtype=np.int64))),
-            shape=(len(users), len(items)),
+            (np.ones(len(cols), dtype=np.float32), (user_pos, cols)), shape=(len(users), len(items))
         ).tocsr()
         matrix.data[:] = 1.0  # duplicates were summed by tocsr(); reset them to 1
         matrix = matrix.tocoo()
@@ -177,9 +185,10 @@ class LightFMRecommender(Recommender):
         if k < 1:
             return out
         k_model = min(k, len(self.item_ids))
-        seen = [(qi, self.user_index[q.user_id]) for qi, q in enumerate(queries) if q.user_id in self.user_index]
-        if self._user_vectors.size == 0:
-            seen = []
+        seen: list[tuple[int, int]] = []
+        if self._user_vectors.size:  # an empty training window leaves no model: popularity for all
+            index = self.user_index
+            seen = [(qi, index[q.user_id]) for qi, q in enumerate(queries) if q.user_id in index]
         # Batches bound the dense score block to batch_users x catalogue floats (~200 MB for H&M).
         for start in range(0, len(seen), self.batch_users):
             batch = seen[start : start + self.batch_users]
