@@ -75,10 +75,13 @@ class RepurchaseRecommender(PopularityRecommender):
         return [fill(list(reversed(q.history)), self.popular, k) for q in queries]
 
 
-class TextKNNRecommender(PopularityRecommender):
-    """Cosine similarity of MiniLM title+description vectors to the mean of the user's history."""
+class VectorKNNRecommender(PopularityRecommender):
+    """Cosine similarity of item vectors to the mean of the user's history; popularity without history.
 
-    name = "text-knn"
+    Subclasses say where the vectors come from (``item_vectors``); the ranking is shared.
+    """
+
+    name = "vector-knn"
 
     def __init__(self, window_days: float | None = 3, batch_users: int = 1024) -> None:
         super().__init__(window_days)
@@ -87,14 +90,15 @@ class TextKNNRecommender(PopularityRecommender):
         self.vectors = np.zeros((0, 0), dtype=np.float32)
         self._index: dict[str, int] = {}
 
-    def fit(self, data: TrainData, progress: Callable[[int, int], None] | None = None) -> Self:
-        """Encode the catalogue once (cached on disk by content hash)."""
+    def item_vectors(self, data: TrainData) -> np.ndarray:
+        """L2-normalised vectors of ``data.items`` in row order."""
+        raise NotImplementedError
+
+    def fit(self, data: TrainData) -> Self:
+        """Popularity for the fallback, then the catalogue's vectors."""
         super().fit(data)
-        items = data.items
-        texts = item_texts(items["title"].fillna("").astype(str).tolist(),
-                           items["description"].fillna("").astype(str).tolist())
-        self.vectors = encode_texts(texts, data.cache_dir, progress=progress)
-        self.item_ids = items["item_id"].astype(str).to_numpy(dtype=object)
+        self.vectors = self.item_vectors(data)
+        self.item_ids = data.items["item_id"].astype(str).to_numpy(dtype=object)
         self._index = {item: i for i, item in enumerate(self.item_ids)}
         return self
 
@@ -105,7 +109,7 @@ class TextKNNRecommender(PopularityRecommender):
         with_history = [(qi, idx) for qi, idx in rows if idx]
         for start in range(0, len(with_history), self.batch_users):
             batch = with_history[start : start + self.batch_users]
-            users = np.stack([self.vectors[idx].mean(axis=0) for _, idx in batch])  # (batch, 384)
+            users = np.stack([self.vectors[idx].mean(axis=0) for _, idx in batch])  # (batch, dim)
             users /= np.linalg.norm(users, axis=1, keepdims=True) + 1e-12
             scores = users @ self.vectors.T  # (batch, n_items)
             top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k]
@@ -117,6 +121,23 @@ class TextKNNRecommender(PopularityRecommender):
             if not idx:
                 out[qi] = self.popular[:k]
         return out
+
+
+class TextKNNRecommender(VectorKNNRecommender):
+    """all-MiniLM-L6-v2 vectors of title + description (cached on disk by content hash)."""
+
+    name = "text-knn"
+
+    def __init__(self, window_days: float | None = 3, progress: Callable[[int, int], None] | None = None) -> None:
+        super().__init__(window_days)
+        self.progress = progress
+
+    def item_vectors(self, data: TrainData) -> np.ndarray:
+        """Encode the catalogue once; later runs read the cache."""
+        items = data.items
+        texts = item_texts(items["title"].fillna("").astype(str).tolist(),
+                           items["description"].fillna("").astype(str).tolist())
+        return encode_texts(texts, data.cache_dir, progress=self.progress)
 
 
 def _bucket(value: object, width: float) -> str:

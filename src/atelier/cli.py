@@ -61,7 +61,7 @@ def _run(fn: Callable[[], T]) -> T:
     """Run a stage; known errors become a one-line message and exit code 1."""
     try:
         return fn()
-    except (SettingsError, IngestError, StageError, ValueError, OSError) as exc:
+    except (SettingsError, IngestError, StageError, ValueError, OSError, RuntimeError) as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
@@ -203,6 +203,72 @@ def vocab_cmd(
     console.print(f"vocabulary: {path}")
 
 
+# --------------------------------------------------------------------------- item tower
+
+train_app = typer.Typer(help="Train a model: item (SimCSE item tower).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+def run_train_item(settings: Settings, dataset: str, cfg: object) -> tuple[Path, dict[str, object]]:
+    """Train the item tower with a bar for the text features and one for the SimCSE steps."""
+    from atelier.content import train_item_stage
+
+    with stage_progress(f"train item ({dataset})") as progress:
+        text_task = progress.add_task("text features", total=None)
+        step_task = progress.add_task("SimCSE", total=None, start=False)
+
+        def on_text(done: int, total: int) -> None:
+            progress.update(text_task, completed=done, total=total)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.start_task(step_task)
+            progress.update(step_task, completed=step, total=total, description=f"SimCSE loss {loss:.3f}")
+
+        return train_item_stage(settings, dataset, cfg, text_progress=on_text, progress=on_step)  # type: ignore[arg-type]
+
+
+@train_app.command("item")
+def train_item_cmd(
+    dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
+    epochs: Annotated[int, typer.Option(help="Passes over the catalogue")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Items per step (in-batch negatives)")] = 512,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate")] = 1e-3,
+    device: Annotated[str, typer.Option(help="cpu or cuda (torchrun for several GPUs)")] = "cpu",
+    no_std: Annotated[bool, typer.Option("--no-std", help="Ablation: hide STD tokens")] = False,
+    no_re: Annotated[bool, typer.Option("--no-re", help="Ablation: hide RE tokens")] = False,
+    no_text: Annotated[bool, typer.Option("--no-text", help="Ablation: hide text tokens")] = False,
+    data_dir: DataDirOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Train the item tower with SimCSE on a dataset's whole catalogue (needs ingest + vocab)."""
+    from atelier.train import TrainItemConfig
+
+    settings = _settings(data_dir, run_dir)
+    cfg = TrainItemConfig(epochs=epochs, batch_size=batch_size, lr=lr, device=device,
+                          use_std=not no_std, use_re=not no_re, use_text=not no_text)
+    path, history = _run(lambda: run_train_item(settings, dataset, cfg))
+    for e in history["epochs"]:  # type: ignore[attr-defined]
+        console.print(f"epoch {e['epoch']}: loss {e['loss']:.4f}, {e['seconds']:.1f} s, {e['items_per_s']:,.0f} items/s")
+    console.print(f"view alignment@2048: {history['view_alignment@2048']:.3f}\ncheckpoint: {path}")
+
+
+@app.command("encode")
+def encode_cmd(
+    dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
+    checkpoint: Annotated[Path | None, typer.Option(help="Item tower checkpoint (default: the dataset's)")] = None,
+    data_dir: DataDirOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Write every item's vector (with ids and the checkpoint id) for the store."""
+    from atelier.content import encode_stage
+
+    settings = _settings(data_dir, run_dir)
+    with stage_progress(f"encode {dataset}") as progress:
+        progress.add_task("item vectors", total=None)
+        out = _run(lambda: encode_stage(settings, dataset, checkpoint))
+    console.print(f"vectors: {out}")
+
+
 # --------------------------------------------------------------------------- evaluate
 
 METRIC_COLUMNS = ("map@12", "recall@12", "ndcg@12", "hitrate@12", "recall@100")
@@ -213,9 +279,9 @@ def run_evaluate(
     test_file: Path | None = None, max_users: int | None = None,
 ) -> tuple[dict[str, object], Path]:
     """Fit and score the baselines (and any trained models) on one dataset; write the report."""
-    from atelier.evaluate import baseline_suite, evaluate, write_report
+    from atelier.evaluate import evaluate, model_suite, write_report
 
-    suite = baseline_suite(dataset, models)
+    suite = model_suite(settings, dataset, models)
     with stage_progress(f"evaluate {dataset}") as progress:
         task = progress.add_task("", total=len(suite))
 

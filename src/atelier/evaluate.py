@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -259,6 +260,27 @@ def plot_report(report: dict[str, object], out_dir: Path) -> list[Path]:
     return paths
 
 
+def model_suite(settings: Any, dataset: str, names: Sequence[str] | None = None) -> list[Recommender]:
+    """Baselines plus every trained stage of a dataset found in the run folder, in report order."""
+    suite = baseline_suite(dataset)
+    from atelier.content import ItemTowerRecommender, checkpoint_path
+
+    window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
+    if checkpoint_path(settings, dataset).is_file():
+        suite.append(ItemTowerRecommender(checkpoint_path(settings, dataset), window_days=window))
+    return _select(suite, names)
+
+
+def _select(suite: list[Recommender], names: Sequence[str] | None) -> list[Recommender]:
+    if names is None:
+        return suite
+    known = {r.name: r for r in suite}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise EvaluationError(f"unknown model(s) {unknown}; choose from {list(known)}")
+    return [known[n] for n in names]
+
+
 def baseline_suite(dataset: str, names: Sequence[str] | None = None) -> list[Recommender]:
     """The baselines of a dataset, in report order (all of them when ``names`` is None)."""
     from atelier.baselines import (
@@ -284,13 +306,7 @@ def baseline_suite(dataset: str, names: Sequence[str] | None = None) -> list[Rec
         pass
     else:
         suite += [LightFMRecommender(window_days=window), LightFMRecommender(window_days=window, after_repurchase=True)]
-    if names is None:
-        return suite
-    known = {r.name: r for r in suite}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise EvaluationError(f"unknown model(s) {unknown}; choose from {list(known)}")
-    return [known[n] for n in names]
+    return _select(suite, names)
 
 
 __all__ = ["DEFAULT_CUTS", "EvaluationError", "IngestError", "Split", "baseline_suite", "build_queries",

@@ -1,0 +1,143 @@
+"""Stage 1 end to end: catalogue -> tower inputs -> SimCSE training -> item vectors -> content kNN.
+
+``train_item_stage`` trains and saves the item tower of a dataset, ``encode_stage`` writes every
+item's vector (with ids and the checkpoint id) for the store, and ``ItemTowerRecommender`` ranks
+the catalogue by similarity to a shopper's history with those vectors (the harness's content
+recommender; cold items are scored from their attributes alone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from atelier.baselines import VectorKNNRecommender
+from atelier.catalogue import column_items
+from atelier.config import Settings
+from atelier.ingest import load_tables
+from atelier.models.item_tower import (
+    ItemInputs,
+    ItemTower,
+    ItemTowerConfig,
+    encode_items,
+    item_inputs,
+    load_checkpoint,
+    mask_parts,
+    save_checkpoint,
+)
+from atelier.recommender import TrainData
+from atelier.text import encode_texts, item_texts
+from atelier.train import ProgressFn, TrainItemConfig, train_item_tower, view_alignment
+from atelier.vocab import Vocab
+
+CountFn = Callable[[int, int], None]
+
+
+def vocab_path(settings: Settings) -> Path:
+    """Where ``atelier vocab`` saves the shared vocabulary."""
+    return settings.run_dir / "vocab" / "vocab.json"
+
+
+def checkpoint_path(settings: Settings, dataset: str) -> Path:
+    """Where the item tower of a dataset is saved."""
+    return settings.run_dir / "models" / f"item_tower-{dataset}.pt"
+
+
+def file_id(path: Path) -> str:
+    """Short content hash of a file: the checkpoint id stored beside every vector."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def catalogue_inputs(
+    items: pd.DataFrame, dataset: str, vocab: Vocab, cache_dir: Path, progress: CountFn | None = None
+) -> ItemInputs:
+    """Tower inputs of a catalogue: STD values from its columns plus cached MiniLM text vectors."""
+    jsons = column_items(items, dataset)
+    texts = item_texts(items["title"].fillna("").astype(str).tolist(),
+                       items["description"].fillna("").astype(str).tolist())
+    return item_inputs(jsons, vocab, encode_texts(texts, cache_dir, progress=progress))
+
+
+def tower_config(vocab: Vocab, **overrides: Any) -> ItemTowerConfig:
+    """The default tower for a vocabulary (table sizes and text field ids filled in)."""
+    cfg = ItemTowerConfig(vocab.std_size, vocab.re_size, vocab.field_size, n_text=1,
+                          title_field_id=vocab.field_id("title"), description_field_id=vocab.field_id("description"))
+    return replace(cfg, **overrides)
+
+
+def train_item_stage(
+    settings: Settings, dataset: str, cfg: TrainItemConfig, *, text_progress: CountFn | None = None,
+    progress: ProgressFn | None = None, **model_overrides: Any,
+) -> tuple[Path, dict[str, Any]]:
+    """Train the item tower of an ingested dataset on its whole catalogue and save the checkpoint."""
+    vocab = Vocab.load(vocab_path(settings))
+    items = load_tables(settings.dataset_dir(dataset))[0]
+    inputs = catalogue_inputs(items, dataset, vocab, settings.run_dir / "features", text_progress)
+    model_cfg = tower_config(vocab, **model_overrides)
+    model, history = train_item_tower(inputs, model_cfg, cfg, progress)
+    history["view_alignment@2048"] = view_alignment(model, mask_parts(inputs, cfg.use_std, cfg.use_re, cfg.use_text),
+                                                    cfg.views)
+    path = checkpoint_path(settings, dataset)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_checkpoint(model.cpu(), path, vocab.to_dict(), {"dataset": dataset, "history": history})
+    return path, history
+
+
+def encode_stage(settings: Settings, dataset: str, checkpoint: Path | None = None) -> Path:
+    """Write every item's vector with its id and the checkpoint id (``runs/vectors/<dataset>/<id>.npz``)."""
+    checkpoint = checkpoint or checkpoint_path(settings, dataset)
+    model, payload = load_checkpoint(checkpoint)
+    vocab = Vocab.from_dict(payload["vocab"])
+    items = load_tables(settings.dataset_dir(dataset))[0]
+    vectors = encode_items(model, catalogue_inputs(items, dataset, vocab, settings.run_dir / "features"))
+    ckpt_id = file_id(checkpoint)
+    out = settings.run_dir / "vectors" / dataset / f"{ckpt_id}.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez(tmp, item_ids=items["item_id"].astype(str).to_numpy(), vectors=vectors,
+             checkpoint_id=np.array(ckpt_id))
+    os.replace(tmp, out)
+    return out
+
+
+class ItemTowerRecommender(VectorKNNRecommender):
+    """Content kNN over item-tower vectors (the tower's own checkpoint, or an untrained tower)."""
+
+    name = "item-tower"
+
+    def __init__(
+        self, checkpoint: Path | None, vocab: Vocab | None = None, window_days: float | None = 3,
+        name: str | None = None, use_std: bool = True, use_re: bool = True, use_text: bool = True, seed: int = 0,
+    ) -> None:
+        super().__init__(window_days)
+        self.checkpoint, self.vocab = checkpoint, vocab
+        self.parts = {"std": use_std, "re": use_re, "text": use_text}
+        self.seed = seed
+        if name:
+            self.name = name  # type: ignore[misc]
+
+    def item_vectors(self, data: TrainData) -> np.ndarray:
+        """Encode the catalogue with the checkpoint (or a seeded untrained tower when there is none)."""
+        import torch
+
+        if self.checkpoint is not None:
+            model, payload = load_checkpoint(self.checkpoint)
+            vocab = Vocab.from_dict(payload["vocab"])
+        else:
+            assert self.vocab is not None, "an untrained tower needs a vocabulary"
+            vocab = self.vocab
+            torch.manual_seed(self.seed)
+            model = ItemTower(tower_config(vocab)).eval()
+        inputs = mask_parts(catalogue_inputs(data.items, data.dataset, vocab, data.cache_dir), **self.parts)
+        return encode_items(model, inputs)  # type: ignore[no-any-return]
