@@ -52,17 +52,20 @@ def pack(dataset: str, out: Path, run_dir: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({
         "dataset": dataset, "vocab": vocab.to_dict(),
-        "tokens": {f: getattr(x.tokens, f) for f in TOKEN_FIELDS},
+        # int32 on the wire: the file must fit the 64 MiB a device call carries.
+        "tokens": {f: (getattr(x.tokens, f).int() if f.endswith("ids") else getattr(x.tokens, f))
+                   for f in TOKEN_FIELDS},
         "text_unique": torch.from_numpy(unique).half(), "text_index": torch.from_numpy(inverse.reshape(-1)).int(),
         "item_ids": items["item_id"].astype(str).tolist(),
     }, out)
-    print(f"packed {len(items):,} items ({len(unique):,} distinct texts) into {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+    size = out.stat().st_size / 2**20
+    print(f"packed {len(items):,} items ({len(unique):,} distinct texts) into {out} ({size:.1f} MiB)")
 
 
 def unpack(path: Path) -> tuple[ItemInputs, Vocab, dict[str, object]]:
     """Inputs, vocabulary and metadata from a packed file."""
     blob = torch.load(path, weights_only=False)
-    tokens = ItemTokens(*(blob["tokens"][f] for f in TOKEN_FIELDS))
+    tokens = ItemTokens(*(blob["tokens"][f].long() if f.endswith("ids") else blob["tokens"][f] for f in TOKEN_FIELDS))
     text = blob["text_unique"].float()[blob["text_index"].long()][:, None, :]  # (n, 1, 384)
     return ItemInputs(tokens, text, text.abs().sum(-1) > 0), Vocab.from_dict(blob["vocab"]), blob
 

@@ -128,13 +128,13 @@ def test_bad_values_are_rejected_with_reasons(tmp_path: Path) -> None:
     row = ",108775,Strap top,Vest top,Garment Upper body,Solid,Black,Dark,Black,Jersey,Ladieswear,Ladieswear,S,J,desc\n"
     _write(folder / "articles.csv.gz", (header + "0108775015" + row + "12345" + row + "0108775015" + row).encode())
     _write(folder / "transactions.csv.gz", (
-        "t_dat,customer_id,article_id,price,sales_channel_id\n"
-        "2020-09-16,c1,0108775015,0.05,2\n"
-        "not-a-date,c1,0108775015,0.05,2\n"
-        "2020-09-16,,0108775015,0.05,2\n"
-        "2020-09-16,c2,0108775015,-1,2\n"
-        "2020-09-16,c2,0999999999,0.05,2\n"
-    ).encode())
+        b"t_dat,customer_id,article_id,price,sales_channel_id\n"
+        b"2020-09-16,c1,0108775015,0.05,2\n"
+        b"not-a-date,c1,0108775015,0.05,2\n"
+        b"2020-09-16,,0108775015,0.05,2\n"
+        b"2020-09-16,c2,0108775015,-1,2\n"
+        b"2020-09-16,c2,0999999999,0.05,2\n"
+    ))
     result = ingest("hm", folder, tmp_path / "out")
     assert result.counts["items"] == 1 and result.counts["interactions"] == 1
     assert result.rejects == {

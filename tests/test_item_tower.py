@@ -110,7 +110,7 @@ def test_info_nce_prefers_matching_rows() -> None:
 
 def test_overfits_one_tiny_batch(vocab: Vocab) -> None:
     x = _inputs(vocab)
-    model, history = train_item_tower(x, _config(vocab, dropout=0.0),
+    _, history = train_item_tower(x, _config(vocab, dropout=0.0),
                                       TrainItemConfig(epochs=30, batch_size=64, lr=3e-3, warmup_frac=0.1))
     losses = [e["loss"] for e in history["epochs"]]
     assert losses[-1] < 0.6 * losses[0], losses

@@ -89,7 +89,7 @@ def test_save_load_round_trip(vocab: Vocab, tmp_path: Path) -> None:
     with pytest.raises(VocabError, match="run `atelier vocab` first"):
         Vocab.load(tmp_path / "none.json")
     (tmp_path / "junk.json").write_text("{not json")
-    with pytest.raises(VocabError, match="junk.json"):
+    with pytest.raises(VocabError, match=r"junk\.json"):
         Vocab.load(tmp_path / "junk.json")
 
 

@@ -2,10 +2,12 @@
 
 Pipeline (each stage resumable; artifacts under the run folder, default ./runs):
 
-    ingest    raw catalogues + interactions -> Parquet (runs/data/<dataset>/)
-    vocab     catalogue columns -> STD item JSON, coverage report, dual vocabulary (runs/vocab/)
-    evaluate  baselines and models scored on a time split (runs/reports/)
-    run       the whole pipeline as far as it exists, then the evaluation table
+    ingest      raw catalogues + interactions -> Parquet (runs/data/<dataset>/)
+    vocab       catalogue columns -> STD item JSON, coverage report, vocabulary (runs/vocab/)
+    train item  SimCSE item tower on the whole catalogue (runs/models/)
+    encode      every item's vector, with its checkpoint id (runs/vectors/)
+    evaluate    baselines and models scored on a time split (runs/reports/)
+    run         the whole pipeline as far as it exists, then the evaluation table
 
 Exit codes: 0 success, 1 a stage failed (the message says why), 2 bad usage.
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,7 @@ from atelier.config import Settings, SettingsError, get_settings
 from atelier.ingest import DATASETS, IngestError, IngestResult, ingest
 
 app = typer.Typer(
-    help=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],  # type: ignore[union-attr]
+    help=__doc__,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -61,7 +62,7 @@ def _run(fn: Callable[[], T]) -> T:
     """Run a stage; known errors become a one-line message and exit code 1."""
     try:
         return fn()
-    except (SettingsError, IngestError, StageError, ValueError, OSError, RuntimeError) as exc:
+    except (SettingsError, IngestError, StageError, ValueError, OSError, RuntimeError, FileNotFoundError) as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
@@ -121,7 +122,9 @@ def print_ingest(results: list[IngestResult]) -> None:
 
 @app.command("ingest")
 def ingest_cmd(
-    dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="hm, rtr, myntra (repeat); default all")] = None,
+    dataset: Annotated[
+        list[str] | None, typer.Option("--dataset", "-d", help="hm, rtr, myntra (repeat); default all")
+    ] = None,
     source: Annotated[Path | None, typer.Option(help="A column-mapping TOML for a custom catalogue")] = None,
     force: Annotated[bool, typer.Option(help="Re-read sources even if unchanged")] = False,
     data_dir: DataDirOpt = None,
@@ -248,7 +251,8 @@ def train_item_cmd(
                           use_std=not no_std, use_re=not no_re, use_text=not no_text)
     path, history = _run(lambda: run_train_item(settings, dataset, cfg))
     for e in history["epochs"]:  # type: ignore[attr-defined]
-        console.print(f"epoch {e['epoch']}: loss {e['loss']:.4f}, {e['seconds']:.1f} s, {e['items_per_s']:,.0f} items/s")
+        console.print(f"epoch {e['epoch']}: loss {e['loss']:.4f}, {e['seconds']:.1f} s, "
+                      f"{e['items_per_s']:,.0f} items/s")
     console.print(f"view alignment@2048: {history['view_alignment@2048']:.3f}\ncheckpoint: {path}")
 
 
@@ -260,13 +264,82 @@ def encode_cmd(
     run_dir: RunDirOpt = None,
 ) -> None:
     """Write every item's vector (with ids and the checkpoint id) for the store."""
-    from atelier.content import encode_stage
+    from atelier.content import encode_stage, neighbour_report
 
     settings = _settings(data_dir, run_dir)
     with stage_progress(f"encode {dataset}") as progress:
         progress.add_task("item vectors", total=None)
         out = _run(lambda: encode_stage(settings, dataset, checkpoint))
-    console.print(f"vectors: {out}")
+        page = _run(lambda: neighbour_report(settings, dataset, out))
+    console.print(f"vectors: {out}\nnearest neighbours to judge by eye: {page}")
+
+
+# --------------------------------------------------------------------------- store
+
+
+def run_index(settings: Settings, dataset: str, vectors: Path | None = None) -> dict[str, object]:
+    """Load item vectors into pgvector with a bar per phase (copy, index, probe)."""
+    from atelier.content import index_stage
+
+    with stage_progress(f"index {dataset}") as progress:
+        tasks: dict[str, object] = {}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total or None)
+            progress.update(tasks[stage], completed=done, total=total or None)  # type: ignore[arg-type]
+
+        return index_stage(settings, dataset, vectors, on_progress)
+
+
+def print_index(report: dict[str, object]) -> None:
+    """What the load did and what the probe found."""
+    probe = report["probe"]
+    console.print(
+        f"indexed {report['rows']:,} vectors as {report['model_id']}: recall@100 vs exact "  # type: ignore[index]
+        f"{report['recall_at_100']:.3f}, {probe['duplicate_ids']} duplicate ids, "  # type: ignore[index]
+        f"{'ok' if report['ok'] else 'PROBLEMS: ' + '; '.join(report['problems'])}"  # type: ignore[arg-type]
+    )
+
+
+@app.command("index")
+def index_cmd(
+    dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
+    vectors: Annotated[Path | None, typer.Option(help="An `atelier encode` .npz (default: the newest)")] = None,
+    data_dir: DataDirOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Load item vectors into PostgreSQL/pgvector (embedded unless DATABASE_URL), build HNSW, verify recall."""
+    settings = _settings(data_dir, run_dir)
+    report = _run(lambda: run_index(settings, dataset, vectors))
+    print_index(report)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command("similar")
+def similar_cmd(
+    item_id: Annotated[str, typer.Argument(help="An item id of the indexed catalogue")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
+    k: Annotated[int, typer.Option("-k", min=1, max=1000)] = 10,
+    colourways: Annotated[bool, typer.Option(help="Keep several colourways of one product")] = False,
+    data_dir: DataDirOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """The k nearest items to ITEM_ID by item-tower vector, with their key attributes."""
+    from atelier.content import current_model_id
+    from atelier.store import similar
+
+    settings = _settings(data_dir, run_dir)
+    hits = _run(lambda: similar(settings, current_model_id(settings, dataset), item_id, k,
+                                dedupe_groups=not colourways))
+    table = Table(title=f"items like {item_id}")
+    for col in ("item_id", "score", "title", "category", "color", "gender"):
+        table.add_column(col)
+    for h in hits:
+        table.add_row(h["item_id"], f"{h['score']:.3f}", str(h["title"]), str(h["category"]), str(h["color"]),
+                      str(h["gender"]))
+    console.print(table)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -335,6 +408,7 @@ def evaluate_cmd(
 @app.command("run")
 def run_cmd(
     force: Annotated[bool, typer.Option(help="Redo cached steps")] = False,
+    tower_epochs: Annotated[int, typer.Option(help="SimCSE epochs for the item tower on CPU")] = 2,
     max_users: Annotated[int | None, typer.Option(help="Score a seeded sample of test users")] = None,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
@@ -347,6 +421,18 @@ def run_cmd(
     print_ingest(results)
     _, reports = _run(lambda: run_vocab(settings, names))
     print_coverage(reports)
+    if "hm" in names:
+        from atelier.content import checkpoint_path, encode_stage, neighbour_report
+        from atelier.train import TrainItemConfig
+
+        if force or not checkpoint_path(settings, "hm").is_file():
+            _, history = _run(lambda: run_train_item(settings, "hm", TrainItemConfig(epochs=tower_epochs)))
+            console.print(f"item tower: {history['epochs'][-1]}")  # type: ignore[index]
+        with stage_progress("encode hm") as progress:
+            progress.add_task("item vectors", total=None)
+            vectors = _run(lambda: encode_stage(settings, "hm"))
+            _run(lambda: neighbour_report(settings, "hm", vectors))
+        print_index(_run(lambda: run_index(settings, "hm")))
     for name in ("hm", "rtr"):
         if name in names:
             report, path = _run(lambda name=name: run_evaluate(settings, name, max_users=max_users))  # type: ignore[misc]
@@ -354,8 +440,8 @@ def run_cmd(
             console.print(f"report: {path}")
     console.print(
         "[bold]done.[/] Reports and plots are in "
-        f"{settings.run_dir / 'reports'}. The web page arrives with the serving stage "
-        "(`atelier serve` is not built yet)."
+        f"{settings.run_dir / 'reports'}. Try `atelier similar 0108775015` for neighbours from pgvector. "
+        "The web page arrives with the serving stage (`atelier serve` is not built yet)."
     )
 
 
@@ -365,5 +451,5 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()
 

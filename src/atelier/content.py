@@ -105,10 +105,97 @@ def encode_stage(settings: Settings, dataset: str, checkpoint: Path | None = Non
     out = settings.run_dir / "vectors" / dataset / f"{ckpt_id}.npz"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.npz")
-    np.savez(tmp, item_ids=items["item_id"].astype(str).to_numpy(), vectors=vectors,
+    np.savez(tmp, item_ids=np.asarray(items["item_id"].astype(str).tolist(), dtype=str), vectors=vectors,
              checkpoint_id=np.array(ckpt_id))
     os.replace(tmp, out)
     return out
+
+
+def neighbour_report(
+    settings: Settings, dataset: str, vectors_file: Path | None = None, n: int = 12, k: int = 5, seed: int = 0,
+) -> Path:
+    """An HTML page of sampled items with their nearest neighbours by item-tower vector and by
+    MiniLM text vector, side by side with their STD attributes, for a person to judge."""
+    import html
+
+    vectors_file = vectors_file or latest_vectors(settings, dataset)
+    blob = np.load(vectors_file)
+    items = load_tables(settings.dataset_dir(dataset))[0]
+    jsons = column_items(items, dataset)
+    text = encode_texts(item_texts(items["title"].fillna("").astype(str).tolist(),
+                                   items["description"].fillna("").astype(str).tolist()), settings.run_dir / "features")
+    tower = blob["vectors"]
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(len(jsons), size=min(n, len(jsons)), replace=False)
+
+    def cell(i: int, score: float | None = None) -> str:
+        item = jsons[i]
+        attrs = ", ".join(f"{f}={'/'.join(v)}" for f, v in item.clothes.items()
+                          if f in ("category", "color", "print", "gender", "fiber_composition"))
+        head = f"<b>{html.escape(item.service.title)}</b> <small>{item.item_id}</small>"
+        tail = f"<br><small>{html.escape(attrs)}</small>" + (f"<br><i>{score:.3f}</i>" if score is not None else "")
+        return f"<td>{head}{tail}</td>"
+
+    rows = []
+    for i in sample:
+        for label, vecs in (("item tower", tower), ("MiniLM text", text)):
+            scores = vecs @ vecs[i]
+            scores[i] = -np.inf
+            top = np.argsort(-scores)[:k]
+            first = cell(int(i)) if label == "item tower" else "<td></td>"
+            rows.append(f"<tr>{first}<td>{label}</td>" + "".join(cell(int(j), float(scores[j])) for j in top) + "</tr>")
+    page = (f"<!doctype html><meta charset='utf-8'><title>{dataset} neighbours</title>"
+            "<style>body{font-family:sans-serif;font-size:13px}td{border:1px solid #ccc;padding:4px;"
+            "vertical-align:top;max-width:180px}</style>"
+            f"<h1>{dataset}: nearest neighbours ({vectors_file.name})</h1><table>"
+            f"<tr><th>item</th><th>by</th>{''.join(f'<th>#{r + 1}</th>' for r in range(k))}</tr>"
+            + "".join(rows) + "</table>")
+    out = settings.run_dir / "reports" / f"{dataset}_neighbours.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def latest_vectors(settings: Settings, dataset: str) -> Path:
+    """The newest ``encode`` output of a dataset (StageError-free: FileNotFoundError with a hint)."""
+    files = sorted((settings.run_dir / "vectors" / dataset).glob("*.npz"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no item vectors for {dataset}; run `atelier encode -d {dataset}` first")
+    return files[-1]
+
+
+def index_stage(
+    settings: Settings, dataset: str, vectors_file: Path | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Load a dataset's item vectors and item JSON into pgvector, build HNSW, verify; remember the model id."""
+    import json
+
+    from atelier.store import index_vectors
+
+    vectors_file = vectors_file or latest_vectors(settings, dataset)
+    blob = np.load(vectors_file)
+    model_id = f"item_tower:{dataset}:{blob['checkpoint_id']}"
+    items = column_items(load_tables(settings.dataset_dir(dataset))[0], dataset)
+    by_id = {item.item_id: item for item in items}
+    ids = [str(i) for i in blob["item_ids"]]
+    report = index_vectors(settings, model_id, ids, blob["vectors"], [by_id[i] for i in ids if i in by_id],
+                           progress=progress)
+    report["model_id"] = model_id
+    pointer = settings.run_dir / "index" / f"{dataset}.json"
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def current_model_id(settings: Settings, dataset: str) -> str:
+    """The model id ``atelier index`` last loaded for a dataset."""
+    import json
+
+    pointer = settings.run_dir / "index" / f"{dataset}.json"
+    if not pointer.is_file():
+        raise FileNotFoundError(f"nothing indexed for {dataset}; run `atelier index -d {dataset}` first")
+    return str(json.loads(pointer.read_text())["model_id"])
 
 
 class ItemTowerRecommender(VectorKNNRecommender):
@@ -140,4 +227,5 @@ class ItemTowerRecommender(VectorKNNRecommender):
             torch.manual_seed(self.seed)
             model = ItemTower(tower_config(vocab)).eval()
         inputs = mask_parts(catalogue_inputs(data.items, data.dataset, vocab, data.cache_dir), **self.parts)
-        return encode_items(model, inputs)  # type: ignore[no-any-return]
+        vectors: np.ndarray = encode_items(model, inputs)
+        return vectors

@@ -147,7 +147,8 @@ def git_commit() -> str:
 
 def machine() -> str:
     """A short description of this machine for reports."""
-    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
 
 
 ProgressFn = Callable[[str], None]

@@ -570,7 +570,8 @@ def load_tables(out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
     """Items, interactions and users of an ingested dataset (IngestError if it was never ingested)."""
     if load_manifest(out_dir) is None:
         raise IngestError(f"{out_dir}: no ingested dataset here; run `atelier ingest` first")
-    return tuple(pd.read_parquet(out_dir / f"{t}.parquet") for t in ("items", "interactions", "users"))  # type: ignore[return-value]
+    items, interactions, users = (pd.read_parquet(out_dir / f"{t}.parquet") for t in ("items", "interactions", "users"))
+    return items, interactions, users
 
 
 def result_dict(result: IngestResult) -> dict[str, object]:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from atelier.models.item_tower import ItemInputs, ItemTower, ItemTowerConfig, mask_parts, slice_inputs
+from atelier.models.item_tower import ItemInputs, ItemTower, ItemTowerConfig, mask_parts, slice_inputs, stack_inputs
 from atelier.models.losses import info_nce
 from atelier.models.views import ViewConfig, make_views
 
@@ -76,7 +76,9 @@ def train_item_tower(
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.manual_seed(cfg.seed)
     model = ItemTower(model_cfg).to(device)
-    net: torch.nn.Module = DistributedDataParallel(model) if world > 1 else model
+    # The only buffer (text field ids) is constant: broadcasting it every forward would bump its
+    # version under autograd and break backward.
+    net: torch.nn.Module = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     inputs = mask_parts(inputs, cfg.use_std, cfg.use_re, cfg.use_text)
     n = len(inputs.tokens)
     per_rank = n // world
@@ -103,9 +105,9 @@ def train_item_tower(
         for b in range(steps_per_epoch):
             idx = shard[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             view_a, view_b = make_views(slice_inputs(inputs, idx), cfg.views, gen)
-            view_a, view_b = view_a.to(device), view_b.to(device)
+            both = stack_inputs(view_a, view_b).to(device)  # one forward for both views: (2 * batch, ...)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                za, zb = net(view_a), net(view_b)
+                za, zb = net(both).chunk(2)
             loss = info_nce(za.float(), zb.float(), cfg.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -183,6 +183,16 @@ def slice_inputs(x: ItemInputs, idx: torch.Tensor) -> ItemInputs:
     )
 
 
+def stack_inputs(a: ItemInputs, b: ItemInputs) -> ItemInputs:
+    """Two batches of the same shapes as one batch (``a`` first): two views in one forward."""
+    ta, tb = a.tokens, b.tokens
+    return ItemInputs(
+        ItemTokens(*(torch.cat([getattr(ta, f), getattr(tb, f)]) for f in (
+            "std_ids", "std_field_ids", "std_mask", "re_ids", "re_parent_ids", "re_field_ids", "re_mask"))),
+        torch.cat([a.text, b.text]), torch.cat([a.text_mask, b.text_mask]),
+    )
+
+
 def mask_parts(x: ItemInputs, std: bool = True, re: bool = True, text: bool = True) -> ItemInputs:
     """The same inputs with whole token types hidden (for ablations: STD only, text only, ...)."""
     t = x.tokens
