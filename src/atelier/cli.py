@@ -296,7 +296,7 @@ def print_index(report: dict[str, object]) -> None:
     """What the load did and what the probe found."""
     probe = report["probe"]
     console.print(
-        f"indexed {report['rows']:,} vectors as {report['model_id']}: recall@100 vs exact "  # type: ignore[index]
+        f"indexed {report['rows']:,} vectors as {report['model_id']}: recall@100 vs exact "
         f"{report['recall_at_100']:.3f}, {probe['duplicate_ids']} duplicate ids, "  # type: ignore[index]
         f"{'ok' if report['ok'] else 'PROBLEMS: ' + '; '.join(report['problems'])}"  # type: ignore[arg-type]
     )
