@@ -124,3 +124,23 @@ def test_evaluate_writes_report_and_plots(tmp_path: Path) -> None:
     assert json.loads(path.read_text())["split"]["test_users"] == 2
     assert (tmp_path / "reports" / "tiny_metrics.png").stat().st_size > 1000
     assert (tmp_path / "reports" / "tiny_cohorts.png").is_file()
+
+
+def test_test_file_split_trains_on_everything_before_it(tmp_path: Path) -> None:
+    from atelier.evaluate import file_split
+
+    items = pd.DataFrame({"item_id": ["0000000001", "0000000002", "0000000003"]})
+    interactions = _inter([("u1", "0000000001", "2020-09-16"), ("u1", "0000000002", "2020-09-20"),
+                           ("u2", "0000000003", "2020-09-21")])
+    test_file = tmp_path / "transactions.csv"
+    test_file.write_text("t_dat,customer_id,article_id,price,sales_channel_id\n"
+                         "2020-09-21,u1,0000000003,0.05,2\n"
+                         "2020-09-22,u3,0000000001,0.05,1\n"
+                         "2020-09-22,u3,9999999999,0.05,1\n")
+    split = file_split("hm", interactions, items, test_file)
+    # Training = every ingested interaction before the file's first day (all five shared days for H&M).
+    assert split.cut == pd.Timestamp("2020-09-21")
+    assert list(split.train["item_id"]) == ["0000000001", "0000000002"]
+    assert len(split.test) == 2 and "1 rows rejected" in split.source
+    with pytest.raises(EvaluationError, match="no ingested interaction precedes"):
+        file_split("hm", interactions[interactions["ts"] > "2020-09-21"], items, test_file)

