@@ -35,7 +35,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Logs and pipes get a wide console: the evaluation table has a dozen columns.
+console = Console(width=None if Console().is_terminal else 160)
 err = Console(stderr=True)
 T = TypeVar("T")
 
