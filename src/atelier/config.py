@@ -29,7 +29,8 @@ def _default_data_dir() -> Path | None:
 class Settings(BaseSettings):
     """Where data, artifacts, the database and the LLM are; every field is an ``ATELIER_`` env var."""
 
-    model_config = SettingsConfigDict(env_prefix="ATELIER_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ATELIER_", env_file=".env", extra="ignore",
+                                      populate_by_name=True)
 
     data_dir: Path | None = Field(
         default_factory=_default_data_dir,

@@ -206,9 +206,11 @@ class ItemTowerRecommender(VectorKNNRecommender):
     def __init__(
         self, checkpoint: Path | None, vocab: Vocab | None = None, window_days: float | None = 3,
         name: str | None = None, use_std: bool = True, use_re: bool = True, use_text: bool = True, seed: int = 0,
+        vectors_file: Path | None = None,
     ) -> None:
         super().__init__(window_days)
         self.checkpoint, self.vocab = checkpoint, vocab
+        self.vectors_file = vectors_file  # `atelier encode` output of this checkpoint, read instead of re-encoding
         self.parts = {"std": use_std, "re": use_re, "text": use_text}
         self.seed = seed
         if name:
@@ -218,6 +220,10 @@ class ItemTowerRecommender(VectorKNNRecommender):
         """Encode the catalogue with the checkpoint (or a seeded untrained tower when there is none)."""
         import torch
 
+        if self.vectors_file is not None and self.vectors_file.is_file():
+            blob = np.load(self.vectors_file)
+            if [str(i) for i in blob["item_ids"]] == data.items["item_id"].astype(str).tolist():
+                return np.asarray(blob["vectors"], dtype=np.float32)
         if self.checkpoint is not None:
             model, payload = load_checkpoint(self.checkpoint)
             vocab = Vocab.from_dict(payload["vocab"])

@@ -264,11 +264,13 @@ def plot_report(report: dict[str, object], out_dir: Path) -> list[Path]:
 def model_suite(settings: Any, dataset: str, names: Sequence[str] | None = None) -> list[Recommender]:
     """Baselines plus every trained stage of a dataset found in the run folder, in report order."""
     suite = baseline_suite(dataset)
-    from atelier.content import ItemTowerRecommender, checkpoint_path
+    from atelier.content import ItemTowerRecommender, checkpoint_path, file_id
 
     window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
-    if checkpoint_path(settings, dataset).is_file():
-        suite.append(ItemTowerRecommender(checkpoint_path(settings, dataset), window_days=window))
+    checkpoint = checkpoint_path(settings, dataset)
+    if checkpoint.is_file():
+        encoded = settings.run_dir / "vectors" / dataset / f"{file_id(checkpoint)}.npz"
+        suite.append(ItemTowerRecommender(checkpoint, window_days=window, vectors_file=encoded))
     return _select(suite, names)
 
 
