@@ -144,3 +144,19 @@ def test_test_file_split_trains_on_everything_before_it(tmp_path: Path) -> None:
     assert len(split.test) == 2 and "1 rows rejected" in split.source
     with pytest.raises(EvaluationError, match="no ingested interaction precedes"):
         file_split("hm", interactions[interactions["ts"] > "2020-09-21"], items, test_file)
+
+
+def test_repurchase_first_shares_a_fitted_model() -> None:
+    from atelier.evaluate import _select
+    from atelier.recommender import RepurchaseFirst
+
+    train = time_split("hm", TINY).train
+    pop = PopularityRecommender(window_days=None)
+    wrapper = RepurchaseFirst(pop, shared=True)
+    assert wrapper.name == "repurchase+popularity"
+    pop.fit(_data(train))
+    wrapper.fit(_data(train))
+    assert wrapper.recommend([Query("u1", history=("a", "b"))], 3) == [["b", "a", "c"]]
+    # Chosen without its base, the wrapper fits the base itself.
+    alone = _select([pop, wrapper], ["repurchase+popularity"])
+    assert alone == [wrapper] and not wrapper.shared

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from atelier.lightfm_peer import LightFMRecommender, default_feature_columns, item_feature_matrix
-from atelier.recommender import Query, TrainData, popular_items
+from atelier.recommender import Query, RepurchaseFirst, TrainData, popular_items
 
 N_WARM = 8  # bought items per cluster; each cluster also has one cold item
 
@@ -108,7 +108,7 @@ def test_unseen_user_gets_popularity(fitted: tuple[LightFMRecommender, TrainData
 
 def test_after_repurchase_puts_history_first_most_recent_first(tmp_path: Path) -> None:
     data = _data(tmp_path)
-    model = LightFMRecommender(no_components=8, epochs=5, after_repurchase=True, num_threads=1).fit(data)
+    model = RepurchaseFirst(LightFMRecommender(no_components=8, epochs=5, num_threads=1)).fit(data)
     assert model.name == "repurchase+lightfm"
     history = _history(data, "b_user7")
     [ranking, new] = model.recommend([Query(user_id="b_user7", history=history),

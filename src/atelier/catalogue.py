@@ -39,16 +39,22 @@ def column_items(items: pd.DataFrame, dataset: str, schema: Schema | None = None
     return out
 
 
-def coverage_report(items: pd.DataFrame, dataset: str, schema: Schema | None = None) -> dict[str, object]:
-    """Share of items that get each STD field from columns alone, plus unmapped raw values."""
+def coverage_report(
+    items: pd.DataFrame, dataset: str, schema: Schema | None = None, mapped: list[ItemJSON] | None = None,
+) -> dict[str, object]:
+    """Share of items that get each STD field from columns alone, plus unmapped raw values.
+
+    ``mapped`` (the ``column_items`` of ``items``) saves mapping the columns a second time.
+    """
     schema = schema or load_schema()
     if dataset not in available_mappings():
         return {"dataset": dataset, "items": len(items), "coverage": {}, "unmapped": {}}
     mapping = load_mapping(dataset, schema)
+    clothes = [item.clothes for item in mapped] if mapped is not None else map_columns(items, mapping)
     return {
         "dataset": dataset,
         "items": len(items),
-        "coverage": {k: round(v, 4) for k, v in coverage(map_columns(items, mapping), schema).items()},
+        "coverage": {k: round(v, 4) for k, v in coverage(clothes, schema).items()},
         "unmapped": unmapped_values(items, mapping),
     }
 

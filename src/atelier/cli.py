@@ -165,7 +165,7 @@ def run_vocab(settings: Settings, datasets: list[str]) -> tuple[Path, list[dict[
             items_df = load_tables(settings.dataset_dir(name))[0]
             items = column_items(items_df, name, schema)
             write_items_jsonl(items, settings.run_dir / "items" / f"{name}.columns.jsonl")
-            reports.append(coverage_report(items_df, name, schema))
+            reports.append(coverage_report(items_df, name, schema, items))
             all_items.extend(items)
             progress.advance(task)
         vocab = build_vocab(schema, all_items)

@@ -31,7 +31,7 @@ import pandas as pd
 
 from atelier.ingest import IngestError, load_manifest, load_tables, read_interactions_file
 from atelier.metrics import cold_item_recall, coverage, score_users, summarise
-from atelier.recommender import Query, Recommender, TrainData
+from atelier.recommender import Query, Recommender, RepurchaseFirst, TrainData
 
 DEFAULT_CUTS = {"hm": "2020-09-19", "rtr": "2017-08-01"}
 POPULARITY_WINDOW_DAYS = {"hm": 3.0, "rtr": 90.0}  # H&M: the design's 3 days; RTR rentals are sparse
@@ -282,7 +282,12 @@ def _select(suite: list[Recommender], names: Sequence[str] | None) -> list[Recom
     unknown = [n for n in names if n not in known]
     if unknown:
         raise EvaluationError(f"unknown model(s) {unknown}; choose from {list(known)}")
-    return [known[n] for n in names]
+    chosen = [known[n] for n in names]
+    for rec in chosen:
+        # A shared wrapper whose base is not in the run must fit its base itself.
+        if isinstance(rec, RepurchaseFirst) and rec.base not in chosen:
+            rec.shared = False
+    return chosen
 
 
 def baseline_suite(dataset: str, names: Sequence[str] | None = None) -> list[Recommender]:
@@ -309,7 +314,8 @@ def baseline_suite(dataset: str, names: Sequence[str] | None = None) -> list[Rec
     except ImportError:  # lightfm is optional: it needs a compiler to install
         pass
     else:
-        suite += [LightFMRecommender(window_days=window), LightFMRecommender(window_days=window, after_repurchase=True)]
+        lightfm = LightFMRecommender(window_days=window)
+        suite += [lightfm, RepurchaseFirst(lightfm, shared=True)]
     return _select(suite, names)
 
 

@@ -9,8 +9,9 @@ product type, colour, department, ...; RentTheRunway's category). Items nobody b
 training window therefore still get a representation from their attributes, so cold items can
 be ranked. Users are identity features only. Training uses the WARP ranking loss.
 
-``after_repurchase=True`` gives "repurchase+lightfm": the shopper's own history (most recent
-first) and then LightFM's ranking, the peer of atelier's repurchase+popularity baseline.
+``RepurchaseFirst(LightFMRecommender())`` (``atelier.recommender``) gives "repurchase+lightfm":
+the shopper's own history (most recent first) and then LightFM's ranking, the peer of atelier's
+repurchase+popularity baseline.
 """
 
 from __future__ import annotations
@@ -96,7 +97,6 @@ class LightFMRecommender(Recommender):
         learning_rate: float = 0.3,
         item_alpha: float = 1e-6,
         feature_columns: Sequence[str] | None = None,
-        after_repurchase: bool = False,
         window_days: float | None = None,
         num_threads: int = 2,
         seed: int = 0,
@@ -110,9 +110,6 @@ class LightFMRecommender(Recommender):
         self.learning_rate = learning_rate
         self.item_alpha = item_alpha
         self.feature_columns = None if feature_columns is None else list(feature_columns)
-        self.after_repurchase = after_repurchase
-        if after_repurchase:
-            self.name = "repurchase+lightfm"  # type: ignore[misc]
         self.window_days = window_days
         self.num_threads = num_threads
         self.seed = seed
@@ -180,7 +177,7 @@ class LightFMRecommender(Recommender):
         return np.take_along_axis(top, order, axis=1)
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
-        """LightFM's top-k for users seen in training (history first if after_repurchase); else popularity."""
+        """LightFM's top-k for users seen in training; popularity for the others."""
         out: list[list[str]] = [[] for _ in queries]
         if k < 1:
             return out
@@ -196,10 +193,7 @@ class LightFMRecommender(Recommender):
             for (qi, _), row in zip(batch, ranked, strict=True):
                 out[qi] = [str(self.item_ids[j]) for j in row]
         scored = {qi for qi, _ in seen}
-        for qi, q in enumerate(queries):
-            ranking = out[qi] if qi in scored else self.popular
-            # Own history is only put first when asked; plain lightfm keeps the model's order,
-            # which already tends to rank bought items high since nothing is excluded.
-            first = list(reversed(q.history)) if self.after_repurchase else []
-            out[qi] = fill(first, ranking, k)
+        for qi in range(len(queries)):
+            if qi not in scored:
+                out[qi] = self.popular[:k]
         return out

@@ -51,6 +51,30 @@ class Recommender(ABC):
         """Up to ``k`` distinct item ids per query, best first."""
 
 
+class RepurchaseFirst(Recommender):
+    """The shopper's own items (most recent first), then another recommender's ranking.
+
+    With ``shared=True`` the wrapped recommender is fitted by whoever runs it first in the same
+    evaluation (the harness fits models in order), so one model serves both rows of the report.
+    """
+
+    def __init__(self, base: Recommender, shared: bool = False) -> None:
+        self.base = base
+        self.shared = shared
+        self.name = f"repurchase+{base.name}"  # type: ignore[misc]
+
+    def fit(self, data: TrainData) -> Self:
+        """Fit the wrapped recommender unless it is shared (and so already fitted)."""
+        if not self.shared:
+            self.base.fit(data)
+        return self
+
+    def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
+        """History newest first, then the wrapped ranking."""
+        ranked = self.base.recommend(queries, k)
+        return [fill(list(reversed(q.history)), r, k) for q, r in zip(queries, ranked, strict=True)]
+
+
 def popular_items(interactions: pd.DataFrame, window_days: float | None = None) -> list[str]:
     """Item ids by interaction count over the last ``window_days`` days (all when None)."""
     if interactions.empty:
