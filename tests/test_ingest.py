@@ -171,5 +171,5 @@ def test_custom_mapping_errors(tmp_path: Path) -> None:
     with pytest.raises(IngestError, match="'path' and 'item_id'"):
         ingest("custom", tmp_path / "bad.toml", tmp_path / "out")
     (tmp_path / "broken.toml").write_text("[items\n")
-    with pytest.raises(IngestError, match="cannot read the mapping file"):
+    with pytest.raises(IngestError, match="not valid TOML"):
         ingest("custom", tmp_path / "broken.toml", tmp_path / "out")

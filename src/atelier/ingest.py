@@ -24,7 +24,6 @@ import hashlib
 import json
 import shutil
 import time
-import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +33,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
+
+from atelier.schema import read_toml
 
 INGEST_FORMAT = 1  # bump when the output tables change shape: cached ingests are then redone
 DATASETS = ("hm", "rtr", "myntra")
@@ -390,12 +391,7 @@ def read_custom(mapping_file: Path) -> Tables:
         item_id = "sku"
         timestamp = "ordered_at"
     """
-    try:
-        spec = tomllib.loads(mapping_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IngestError(f"{mapping_file}: mapping file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise IngestError(f"{mapping_file}: not valid TOML: {exc}") from None
+    spec = read_toml(mapping_file, IngestError, "mapping file")
     items_spec = spec.get("items")
     if not isinstance(items_spec, dict) or "path" not in items_spec or "item_id" not in items_spec:
         raise IngestError(f"{mapping_file}: needs an [items] table with 'path' and 'item_id'")
@@ -509,10 +505,7 @@ def ingest(
     started = time.perf_counter()
     name = dataset
     if dataset == "custom":
-        try:
-            name = str(tomllib.loads(source.read_text(encoding="utf-8")).get("name", source.stem))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise IngestError(f"{source}: cannot read the mapping file: {exc}") from None
+        name = str(read_toml(source, IngestError, "mapping file").get("name", source.stem))
     elif not source.is_dir():
         raise IngestError(f"{source}: dataset folder not found (set ATELIER_DATA_DIR or --data-dir)")
     out_dir = out_root / name

@@ -21,7 +21,6 @@ Targets must be STD fields and allowed values (not synonyms): ``load_mapping`` c
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from atelier.schema import Schema, load_schema
+from atelier.schema import Schema, load_schema, read_toml
 
 __all__ = [
     "MAPPINGS_DIR",
@@ -109,12 +108,7 @@ def load_mapping(name_or_path: str | Path, schema: Schema | None = None) -> Colu
     """Load and validate a mapping: a bare name ("hm") is a packaged file, else a path."""
     schema = schema or load_schema()
     path = _resolve(name_or_path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MappingError(f"{path}: mapping file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise MappingError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, MappingError, "mapping file")
     unknown_top = set(raw) - {"dataset", "columns", "constants"}
     if unknown_top:
         raise MappingError(f"{path}: top level: unknown keys {sorted(unknown_top)}")

@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from atelier.schema.item import ItemJSON, Service
 
@@ -141,14 +142,19 @@ def _parse_re(path: Path, name: str, body: object, std: dict[str, StdField]) -> 
     return ReField(name, str(parent), str(body.get("description", "")))
 
 
+def read_toml(path: Path, error: type[Exception], what: str) -> dict[str, Any]:
+    """A TOML file as a dict; ``error`` names the file when it is missing or not valid TOML."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid TOML: {exc}") from None
+
+
 def parse_schema(path: Path) -> Schema:
     """Read and validate a schema file (no caching)."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SchemaError(f"{path}: schema file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SchemaError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, SchemaError, "schema file")
     unknown_top = set(raw) - {"version", "std", "re"}
     if unknown_top:
         raise _fail(path, "top level", f"unknown keys {sorted(unknown_top)}")
