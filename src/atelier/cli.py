@@ -60,10 +60,12 @@ def _settings(data_dir: Path | None, run_dir: Path | None) -> Settings:
 
 
 def _run(fn: Callable[[], T]) -> T:
-    """Run a stage; known errors become a one-line message and exit code 1."""
+    """Run a stage; known errors become a one-line message and exit code 1 (ATELIER_DEBUG=1: traceback)."""
     try:
         return fn()
-    except (SettingsError, IngestError, StageError, ValueError, OSError, RuntimeError, FileNotFoundError) as exc:
+    except (SettingsError, IngestError, StageError, ValueError, OSError, RuntimeError) as exc:
+        if os.environ.get("ATELIER_DEBUG"):
+            raise
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
