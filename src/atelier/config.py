@@ -19,7 +19,8 @@ class SettingsError(RuntimeError):
 
 def _default_data_dir() -> Path | None:
     """The shared benchmark data beside the checkout (``../shared/data``), when it is there."""
-    for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[3]):
+    # The checkout root is parents[2] of this file (src/atelier/config.py) in an editable install.
+    for base in (Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parents[2]):
         candidate = base.parent / "shared" / "data"
         if (candidate / "hm").is_dir() or (candidate / "rtr").is_dir():
             return candidate
