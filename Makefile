@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test test-all lint bench clean
+.PHONY: setup run test test-all lint bench clean llm
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	.build/lightfm-venv/bin/pip install -q "setuptools<70" wheel cython numpy scipy
 	.build/lightfm-venv/bin/pip wheel -q --no-build-isolation --no-deps -w .build/wheels "lightfm==1.17"
 	$(BIN)/pip install -q .build/wheels/lightfm-1.17-*.whl
+	touch $@
+
+# The embedded LLM backend (optional, not part of `make test`): build the llama-cpp-python wheel
+# once (about 6 min on 2 cores, niced) and reuse it from .build/wheels afterwards.
+LLAMA_CPP := llama-cpp-python==0.3.36
+llm: setup .build/llama.installed
+
+.build/llama.installed:
+	ls .build/wheels/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice -n 10 $(BIN)/pip wheel --no-deps -w .build/wheels "$(LLAMA_CPP)"
+	$(BIN)/pip install -q --no-deps .build/wheels/llama_cpp_python-0.3.36-*.whl
+	$(BIN)/pip install -q "diskcache>=5.6.1" "jinja2>=2.11.3" "typing-extensions>=4.5.0"
 	touch $@
 
 run: setup  ## the main job: the whole pipeline on ../shared/data (or ATELIER_DATA_DIR)

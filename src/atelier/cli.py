@@ -405,6 +405,68 @@ def evaluate_cmd(
     console.print(f"report: {path} (plots beside it)")
 
 
+# --------------------------------------------------------------------------- enrich
+
+
+@app.command("enrich")
+def enrich_cmd(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Ingested dataset: hm, rtr, myntra")] = "hm",
+    limit: Annotated[int | None, typer.Option(help="Only the first N products")] = None,
+    backend: Annotated[str | None, typer.Option(help="embedded | openai | fake [env: ATELIER_LLM_BACKEND]")] = None,
+    full: Annotated[bool, typer.Option(help="Ask every field, also those the catalogue columns give")] = False,
+    data_dir: DataDirOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """LLM enrichment: STD values the columns lack and all RE phrases, cached and resumable."""
+    from rich.progress import MofNCompleteColumn, TimeRemainingColumn
+
+    from atelier.enrich import EnrichOptions, enrich_dataset, get_extractor
+
+    settings = _settings(data_dir, run_dir)
+    if not (settings.dataset_dir(dataset) / "manifest.json").is_file():
+        err.print(f"[bold red]error:[/] {dataset!r} is not ingested; run `atelier ingest -d {dataset}` first")
+        raise typer.Exit(1)
+    extractor = _run(lambda: get_extractor(backend or settings.llm_backend, settings))
+    columns = (SpinnerColumn(), TextColumn("[bold]enrich[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal and bool(os.environ.get("CI"))) as bar:
+        task = bar.add_task(f"{dataset} via {extractor.model_id}", total=None, rate="")
+        started: list[float] = []
+
+        def on_start(total: int, cached: int) -> None:
+            import time
+
+            # ETA and items/s count only the products the model is asked about, not cache hits.
+            bar.update(task, total=total - cached, completed=0, description=f"{dataset}: {cached:,} cached, "
+                       f"{total - cached:,} to ask {extractor.model_id}")
+            started.append(time.perf_counter())
+
+        def on_result(result: object) -> None:
+            import time
+
+            if getattr(result, "cached", False):
+                return
+            bar.advance(task)
+            done = bar.tasks[0].completed
+            rate = done / max(1e-9, time.perf_counter() - started[0])
+            bar.update(task, rate=f"{rate:.2f} items/s")
+
+        summary = _run(lambda: enrich_dataset(settings, dataset, extractor, limit, EnrichOptions(full=full),
+                                              on_start=on_start, on_result=on_result))
+    table = Table(title=f"enrich {dataset} ({summary.prompt_version}, {summary.backend})")
+    for col in ("products", "cached", "ok", "repaired", "errors", "retried", "items/s", "seconds"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{summary.total:,}", f"{summary.cached:,}", f"{summary.ok:,}", f"{summary.repaired:,}",
+                  f"{summary.errors:,}", f"{summary.retried:,}", f"{summary.items_per_s:.2f}",
+                  f"{summary.wall_seconds:.1f}")
+    console.print(table)
+    for what, path in summary.outputs.items():
+        console.print(f"{what}: {path}")
+    if summary.errors:
+        console.print(f"[yellow]{summary.errors} products failed[/]: see {summary.outputs['errors']}; "
+                      "run the command again to retry them")
+
+
 # --------------------------------------------------------------------------- the main job
 
 

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     llm_base_url: str = Field(default="", description="OpenAI-compatible server URL (openai backend).")
     llm_model: str = Field(default="", description="Model name on the server (openai backend).")
     llm_api_key: str = Field(default="", description="API key for the server (openai backend).")
+    llm_model_path: Path | None = Field(
+        default=None, description="GGUF for the embedded backend (default: <run_dir>/models/, assembled on first use)."
+    )
+    llm_concurrency: int = Field(default=8, ge=1, description="Requests in flight at once (openai backend).")
+    llm_timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout (openai backend).")
+    llm_max_retries: int = Field(default=3, ge=0, description="Retries with backoff on 5xx/timeouts (openai backend).")
     api_key: str = Field(default="", description="Key that write endpoints of the web service require.")
 
     @field_validator("run_dir", mode="after")

@@ -1,0 +1,52 @@
+"""LLM enrichment (DESIGN.md section 2): raw product -> validated STD/RE item JSON, cached and resumable.
+
+Public API (what the CLI and the web service call):
+
+- ``get_extractor(name, settings)``: a backend by name (``embedded``, ``openai``, ``fake``);
+- ``enrich_product(raw, extractor, cache=...)``: one product -> ``EnrichmentResult`` (an item, or
+  an error record; never raises for a bad answer);
+- ``enrich_products`` / ``enrich_dataset``: batches with bounded concurrency, the cache, outputs.
+
+Modules: ``base`` (interface + registry), ``prompt`` (versioned prompt + answer schema),
+``core`` (parse, repair, retry), ``cache`` (append-only JSONL log), ``batch``, ``rules`` (keyword
+baseline), and one module per backend.
+"""
+
+from atelier.enrich import embedded as _embedded  # noqa: F401  (registers "embedded")
+from atelier.enrich import fake as _fake  # noqa: F401  (registers "fake")
+from atelier.enrich import openai_backend as _openai  # noqa: F401  (registers "openai")
+from atelier.enrich.base import (
+    BackendError,
+    ExtractionRequest,
+    Extractor,
+    UnknownBackendError,
+    available_backends,
+    get_extractor,
+    register,
+)
+from atelier.enrich.batch import EnrichSummary, cache_path, enrich_dataset, enrich_products, load_products
+from atelier.enrich.cache import EnrichCache
+from atelier.enrich.core import EnrichmentResult, EnrichOptions, enrich_product, parse_answer
+from atelier.enrich.prompt import PROMPT_VERSION, RawProduct
+
+__all__ = [
+    "PROMPT_VERSION",
+    "BackendError",
+    "EnrichCache",
+    "EnrichOptions",
+    "EnrichSummary",
+    "EnrichmentResult",
+    "ExtractionRequest",
+    "Extractor",
+    "RawProduct",
+    "UnknownBackendError",
+    "available_backends",
+    "cache_path",
+    "enrich_dataset",
+    "enrich_product",
+    "enrich_products",
+    "get_extractor",
+    "load_products",
+    "parse_answer",
+    "register",
+]
