@@ -8,6 +8,7 @@ Pipeline (each stage resumable; artifacts under the run folder, default ./runs):
     encode      every item's vector, with its checkpoint id (runs/vectors/)
     evaluate    baselines and models scored on a time split (runs/reports/)
     run         the whole pipeline as far as it exists, then the evaluation table
+    serve       the web service and its page (FastAPI + uvicorn)
 
 Exit codes: 0 success, 1 a stage failed (the message says why), 2 bad usage.
 """
@@ -467,6 +468,36 @@ def enrich_cmd(
                       "run the command again to retry them")
 
 
+# --------------------------------------------------------------------------- serve
+
+
+@app.command("serve")
+def serve_cmd(
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Indexed dataset [default: hm]")] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address [env: ATELIER_SERVE_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env: ATELIER_SERVE_PORT, default 8000]")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="uvicorn processes [env: ATELIER_SERVE_WORKERS]")] = None,
+    data_dir: DataDirOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Start the web service and page (FastAPI + uvicorn) over the embedded store (or DATABASE_URL)."""
+    import uvicorn
+
+    settings = _settings(data_dir, run_dir)
+    overrides = {"serve_dataset": dataset, "serve_host": host, "serve_port": port, "serve_workers": workers}
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    # Workers are separate processes that build the app from the environment: hand them these settings.
+    os.environ.update({"ATELIER_RUN_DIR": str(settings.run_dir), "ATELIER_SERVE_DATASET": settings.serve_dataset})
+    if settings.data_dir is not None:
+        os.environ["ATELIER_DATA_DIR"] = str(settings.data_dir)
+    get_settings.cache_clear()
+    console.print(f"serving {settings.serve_dataset} at http://{settings.serve_host}:{settings.serve_port} "
+                  f"({settings.serve_workers} worker(s); API docs at /docs; write endpoints "
+                  f"{'need the X-API-Key header' if settings.api_key else 'are off until ATELIER_API_KEY is set'})")
+    uvicorn.run("atelier.serve.app:app_from_env", factory=True, host=settings.serve_host, port=settings.serve_port,
+                workers=settings.serve_workers, log_level="info")
+
+
 # --------------------------------------------------------------------------- the main job
 
 
@@ -506,7 +537,7 @@ def run_cmd(
     console.print(
         "[bold]done.[/] Reports and plots are in "
         f"{settings.run_dir / 'reports'}. Try `atelier similar 0108775015` for neighbours from pgvector. "
-        "The web page arrives with the serving stage (`atelier serve` is not built yet)."
+        "The web page: run `atelier serve`, then open http://127.0.0.1:8000"
     )
 
 

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout (openai backend).")
     llm_max_retries: int = Field(default=3, ge=0, description="Retries with backoff on 5xx/timeouts (openai backend).")
     api_key: str = Field(default="", description="Key that write endpoints of the web service require.")
+    serve_host: str = Field(default="127.0.0.1", description="Address `atelier serve` listens on.")
+    serve_port: int = Field(default=8000, ge=1, le=65535, description="Port `atelier serve` listens on.")
+    serve_workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes.")
+    serve_dataset: str = Field(default="hm", description="Dataset whose indexed model the web service serves.")
+    serve_max_body_bytes: int = Field(default=65_536, ge=1024, description="Largest request body accepted (413 above).")
+    serve_enricher: str = Field(default="columns", description="Raw product -> item JSON on ingest: columns | ...")
 
     @field_validator("run_dir", mode="after")
     @classmethod

@@ -1,0 +1,113 @@
+"""Cold-start ingest: raw product -> item JSON (an ``Enricher``) -> item-tower vector -> store.
+
+An ``Enricher`` is any callable from a ``ProductIn`` to an ``ItemJSON``. The default,
+``ColumnEnricher``, is the deterministic column mapping the catalogue itself goes through
+(``atelier.catalogue.column_items``) plus any STD values the merchandiser gave, normalised against
+the schema. The LLM enrichment backend plugs in by registering another factory under a name
+(``register_enricher``) and setting ``ATELIER_SERVE_ENRICHER``; nothing else changes.
+
+``ItemEncoder`` encodes item JSON exactly as ``atelier encode`` does (MiniLM vector of title +
+description as the text token, the checkpoint's own vocabulary for STD/RE ids), so a new product
+lands in the same space as the indexed catalogue and is recommendable as soon as it is upserted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+
+from atelier.catalogue import column_items
+from atelier.models.item_tower import encode_items, item_inputs, load_checkpoint
+from atelier.schema import ItemJSON, Service, load_schema
+from atelier.serve.schemas import ProductIn
+from atelier.text import encode_texts, item_texts
+from atelier.vocab import Vocab
+
+
+class EnrichError(RuntimeError):
+    """The enricher could not turn a product into item JSON (the service answers 502)."""
+
+
+class Enricher(Protocol):
+    """Raw product -> item JSON with STD (and, for LLM backends, RE) values."""
+
+    name: str
+
+    def __call__(self, product: ProductIn) -> ItemJSON:
+        """The item JSON of one product; raise on failure (nothing is stored then).
+
+        The service normalises whatever comes back against the schema, so a backend may return
+        synonyms or stray values and they are mapped or reported, never stored raw."""
+        ...
+
+
+class ColumnEnricher:
+    """The catalogue's column mapping applied to one product, then the merchandiser's STD values."""
+
+    name = "columns"
+
+    def __init__(self, dataset: str) -> None:
+        self.dataset = dataset
+        self.schema = load_schema()
+
+    def __call__(self, product: ProductIn) -> ItemJSON:
+        """Map the product's raw columns like a catalogue row; explicit ``attributes`` win per field."""
+        row = {**product.columns, "item_id": product.item_id, "title": product.title,
+               "description": product.description, "group_id": product.group_id, "price": product.price}
+        mapped = column_items(pd.DataFrame([row]), self.dataset, self.schema)[0]
+        clothes = {**mapped.clothes, **product.attributes}
+        return ItemJSON(
+            item_id=product.item_id,
+            clothes=clothes,
+            service=Service(title=product.title, description=product.description, brand=product.brand,
+                            price=product.price, stock=product.stock, group_id=product.group_id),
+        )
+
+
+EnricherFactory = Callable[[str], Enricher]
+ENRICHERS: dict[str, EnricherFactory] = {"columns": ColumnEnricher}
+
+
+def register_enricher(name: str, factory: EnricherFactory) -> None:
+    """Make an enricher selectable by ``ATELIER_SERVE_ENRICHER=name`` (factory takes the dataset)."""
+    ENRICHERS[name] = factory
+
+
+def make_enricher(name: str, dataset: str) -> Enricher:
+    """The enricher registered under ``name`` for a dataset, or ValueError listing the known ones."""
+    factory = ENRICHERS.get(name)
+    if factory is None:
+        raise ValueError(f"unknown enricher {name!r} (ATELIER_SERVE_ENRICHER); known: {sorted(ENRICHERS)}")
+    return factory(dataset)
+
+
+class ItemEncoder:
+    """The item tower of a checkpoint plus the MiniLM text encoder: item JSON -> unit vectors."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint
+        self.model, payload = load_checkpoint(checkpoint)
+        self.vocab = Vocab.from_dict(payload["vocab"])
+        self.dim = int(self.model.config.out_dim)
+        # One request at a time through the models: both are CPU-bound and torch already uses
+        # every core, so concurrent calls would only contend (and MiniLM is not documented as
+        # thread-safe).
+        self._lock = threading.Lock()
+
+    def encode(self, items: Sequence[ItemJSON]) -> np.ndarray:
+        """(len(items), dim) float32 unit vectors, as ``atelier encode`` computes them."""
+        texts = item_texts([i.service.title for i in items], [i.service.description for i in items])
+        with self._lock:
+            text = encode_texts(texts)  # (n, 384); no disk cache: one-off texts
+            vectors: np.ndarray = encode_items(self.model, item_inputs(items, self.vocab, text))
+        assert vectors.shape == (len(items), self.dim), f"encoder returned {vectors.shape}"
+        return vectors
+
+    def warm_up(self) -> None:
+        """Load MiniLM and run the tower once, so the first request does not pay for it."""
+        self.encode([ItemJSON(item_id="warm-up", service=Service(title="warm up"))])

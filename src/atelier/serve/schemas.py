@@ -1,0 +1,233 @@
+"""Request and response models of the web service (the OpenAPI schema is generated from these).
+
+Every request model forbids unknown keys, so a misspelt field is a 422 that names it instead of
+being silently ignored. STD values in requests are checked against the attribute schema and
+normalised (synonyms such as "dress" become "04onepiece_01dress").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from atelier.schema import load_schema
+
+ItemId = str  # validated where it enters (Field constraints below)
+ITEM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"  # safe in URLs, SQL params and file names
+
+
+def std_values(field_name: str, values: list[str]) -> list[str]:
+    """Normalise values of one STD field; ValueError naming the first value the schema does not know."""
+    spec = load_schema().std.get(field_name)
+    if spec is None:
+        raise ValueError(f"{field_name!r} is not an STD field")
+    out: list[str] = []
+    for raw in values:
+        value = spec.normalise(raw)
+        if value is None:
+            shown = ", ".join(spec.values[:8]) + (" ..." if len(spec.values) > 8 else "")
+            raise ValueError(f"{raw!r} is not a {field_name} value (allowed: {shown})")
+        if value not in out:
+            out.append(value)
+    return out
+
+
+# --- requests ---------------------------------------------------------------------------------
+
+
+class Profile(BaseModel):
+    """An anonymous shopper's body profile; every part optional, ranges catch unit mistakes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    height_cm: float | None = Field(default=None, ge=100, le=230)
+    weight_kg: float | None = Field(default=None, ge=30, le=250)
+    age: int | None = Field(default=None, ge=13, le=110)
+    body_type: str | None = Field(default=None, max_length=40)
+
+
+class Filters(BaseModel):
+    """Metadata filters: STD category/gender values (or synonyms), price range, stock."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    categories: list[str] = Field(default_factory=list, max_length=20)
+    genders: list[str] = Field(default_factory=list, max_length=5)
+    min_price: float | None = Field(default=None, ge=0)
+    max_price: float | None = Field(default=None, ge=0)
+    in_stock_only: bool = False
+
+    @field_validator("categories")
+    @classmethod
+    def _categories(cls, v: list[str]) -> list[str]:
+        return std_values("category", v)
+
+    @field_validator("genders")
+    @classmethod
+    def _genders(cls, v: list[str]) -> list[str]:
+        return std_values("gender", v)
+
+
+class RecommendRequest(BaseModel):
+    """A known user (``user_id``) or an anonymous shopper: recent items, cart, profile, context."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str | None = Field(default=None, min_length=1, max_length=128)
+    recent_item_ids: list[str] = Field(default_factory=list, max_length=50, description="oldest first")
+    cart: list[str] = Field(default_factory=list, max_length=50)
+    profile: Profile | None = None
+    context: str | None = Field(default=None, max_length=500, description="an occasion or free text")
+    filters: Filters | None = None
+    k: int = Field(default=12, ge=1, le=100)
+    exclude_seen: bool = Field(default=True, description="leave out the history and cart items")
+
+    @field_validator("recent_item_ids", "cart")
+    @classmethod
+    def _ids(cls, v: list[str]) -> list[str]:
+        for item_id in v:
+            if not 1 <= len(item_id) <= 128:
+                raise ValueError(f"item id {item_id[:40]!r} must be 1..128 characters")
+        return v
+
+
+class ProductIn(BaseModel):
+    """A raw product for cold-start ingest: shop fields, raw catalogue columns, optional STD values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: str = Field(pattern=ITEM_ID_PATTERN, description="letters, digits and . _ : - (max 128)")
+    title: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=5000)
+    brand: str | None = Field(default=None, max_length=100)
+    price: float | None = Field(default=None, ge=0, le=1_000_000)
+    stock: int | None = Field(default=None, ge=0)
+    group_id: str | None = Field(default=None, max_length=128)
+    columns: dict[str, str] = Field(
+        default_factory=dict, max_length=50,
+        description="raw catalogue columns the dataset's mapping knows, e.g. product_type_name, colour_group_name",
+    )
+    attributes: dict[str, list[str]] = Field(
+        default_factory=dict, max_length=30, description="STD values given directly, e.g. {'color': ['black']}"
+    )
+
+    @field_validator("attributes")
+    @classmethod
+    def _attributes(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {name: std_values(name, values) for name, values in v.items() if values}
+
+
+# --- responses --------------------------------------------------------------------------------
+
+
+class Item(BaseModel):
+    """An item as the page shows it: id, shop fields and its STD/RE attributes."""
+
+    item_id: str
+    title: str = ""
+    description: str = ""
+    price: float | None = None
+    group_id: str | None = None
+    attributes: dict[str, list[str]] = Field(default_factory=dict)
+    re_attributes: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class ItemPage(BaseModel):
+    """One page of a catalogue search."""
+
+    items: list[Item]
+    next_offset: int | None
+    source: Literal["search", "popular"]
+
+
+class SimilarItem(Item):
+    """A neighbour of an item with its inner-product score."""
+
+    score: float
+
+
+class SimilarResponse(BaseModel):
+    """Nearest items to one item in the live model's space."""
+
+    item_id: str
+    model_id: str
+    items: list[SimilarItem]
+
+
+class SharedAttribute(BaseModel):
+    """One STD value a recommended item has in common with what the shopper gave."""
+
+    field: str
+    value: str
+    source: Literal["cart", "history", "context"]
+
+
+class Explanation(BaseModel):
+    """Why an item was recommended: a sentence plus the attributes it shares."""
+
+    reason: str
+    shared: list[SharedAttribute] = Field(default_factory=list)
+
+
+class Recommendation(Item):
+    """A recommended item, its score (None for popularity ranks) and the stage that produced it."""
+
+    score: float | None
+    stage: str
+    explanation: Explanation
+
+
+class StageReport(BaseModel):
+    """What one stage of the chain did for this request."""
+
+    name: str
+    status: Literal["served", "skipped", "unavailable", "failed", "not_needed"]
+    detail: str = ""
+    items: int = 0
+
+
+class RecommendResponse(BaseModel):
+    """Ranked items, the stage that produced the first one, and every stage's report."""
+
+    items: list[Recommendation]
+    stage: str
+    stages: list[StageReport]
+    degraded: bool = Field(description="true when the store was unreachable and the cached popular list served")
+    context_attributes: dict[str, list[str]] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+    model_id: str | None = None
+    elapsed_ms: float
+
+
+class IngestResponse(BaseModel):
+    """The stored item JSON of an ingested product and how long each step took."""
+
+    item: dict[str, object]
+    model_id: str
+    enricher: str
+    issues: list[str]
+    timings_ms: dict[str, float]
+
+
+class Ready(BaseModel):
+    """Readiness: the store, the loaded models and which stages can serve."""
+
+    ready: bool
+    degraded: bool
+    store: str
+    dataset: str
+    model_id: str | None
+    models: dict[str, str]
+    stages: dict[str, str]
+    ingest: str
+
+
+class Meta(BaseModel):
+    """What the page needs for its pickers: dataset and allowed filter values."""
+
+    dataset: str
+    categories: list[dict[str, str]]
+    colors: list[str]
+    genders: list[str]
+    stages: list[str]

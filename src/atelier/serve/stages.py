@@ -1,0 +1,346 @@
+"""The recommendation chain: stages ordered by preference, each serving what it can.
+
+A ``Stage`` either returns scored items for a request, raises ``StageSkip`` (it has nothing to
+work from, e.g. content without history, cart or context) or fails (store errors); the chain then
+asks the next one, and pads a short list from later stages, so every answer says which stage
+produced each item. ``PREFERENCE`` is the order of DESIGN.md section 6: a reranker over the
+two-tower candidates, the two-tower retriever, content kNN, popularity. Stages that are not built
+yet are simply absent; adding one is ``register_stage("two_tower", factory)`` (see
+``StageContext`` for what a factory gets) with no change to the service or the routes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+import psycopg
+
+from atelier.schema import ItemJSON
+from atelier.serve.catalogue import vectors_of
+from atelier.serve.products import ItemEncoder
+from atelier.store import SearchFilters, StoreError, VectorStore
+
+PREFERENCE = ("rerank", "two_tower", "content", "popularity")
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """A resolved request: what the shopper gave, with ids already looked up and exclusions fixed."""
+
+    k: int
+    history: tuple[str, ...] = ()  # the known user's items, then recent views; oldest first
+    cart: tuple[str, ...] = ()
+    profile: Mapping[str, float | str | None] = field(default_factory=dict)
+    context: str | None = None
+    context_attributes: Mapping[str, list[str]] = field(default_factory=dict)
+    filters: SearchFilters = field(default_factory=SearchFilters)
+    exclude: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One ranked item: its score where the stage has one, and the stage's reason in words."""
+
+    item_id: str
+    score: float | None
+    stage: str
+    reason: str
+
+
+class StageSkip(Exception):
+    """The stage has nothing to work from for this request (the message says what it lacks)."""
+
+
+class Stage(Protocol):
+    """A recommender the service can put in its chain."""
+
+    name: str
+
+    def available(self) -> str | None:
+        """None when the stage can serve; otherwise why not (shown in /ready and in answers)."""
+        ...
+
+    def recommend(self, request: StageRequest) -> list[Scored]:
+        """Up to ``request.k`` items not in ``request.exclude``, best first; StageSkip if not applicable."""
+        ...
+
+
+@dataclass
+class ChainReport:
+    """One stage's outcome for one request."""
+
+    name: str
+    status: str  # served | skipped | unavailable | failed | not_needed
+    detail: str = ""
+    items: int = 0
+
+
+@dataclass
+class ChainResult:
+    """The merged ranking and what every stage did."""
+
+    items: list[Scored]
+    reports: list[ChainReport]
+    store_failed: bool = False
+
+
+def run_chain(stages: Sequence[Stage], request: StageRequest) -> ChainResult:
+    """Ask stages in order until ``k`` items are found; later stages pad what earlier ones left short."""
+    items: list[Scored] = []
+    seen: set[str] = set(request.exclude)
+    reports: list[ChainReport] = []
+    store_failed = False
+    for stage in stages:
+        if len(items) >= request.k:
+            reports.append(ChainReport(stage.name, "not_needed"))
+            continue
+        why = stage.available()
+        if why is not None:
+            reports.append(ChainReport(stage.name, "unavailable", why))
+            continue
+        try:
+            got = stage.recommend(replace(request, k=request.k - len(items), exclude=frozenset(seen)))
+        except StageSkip as skip:
+            reports.append(ChainReport(stage.name, "skipped", str(skip)))
+            continue
+        except (StoreError, psycopg.Error) as exc:
+            # The store went away mid-request: note it and let the next stage (popularity, which
+            # serves from memory) answer, rather than failing the request.
+            store_failed = True
+            reports.append(ChainReport(stage.name, "failed", f"store error: {exc}"))
+            continue
+        fresh = [s for s in got if s.item_id not in seen][: request.k - len(items)]
+        seen.update(s.item_id for s in fresh)
+        items.extend(fresh)
+        reports.append(ChainReport(stage.name, "served" if fresh else "skipped",
+                                   "" if fresh else "no items after filters", len(fresh)))
+    return ChainResult(items, reports, store_failed)
+
+
+# --- content: item-tower vectors in pgvector ---------------------------------------------------
+
+
+class ContentStage:
+    """Nearest items (HNSW in pgvector) to the shopper's cart, history and context in item-tower space.
+
+    The query vector is a weighted mean of unit vectors: each cart item counts ``cart_weight``
+    times a history item (the cart is what the shopper wants now), and the context text counts as
+    one more "virtual item" encoded by the same tower from its text and the STD values it names,
+    weighted ``context_weight`` times the rest together. Colourways are folded so the list is not
+    six colours of one product.
+    """
+
+    name = "content"
+
+    def __init__(
+        self, store: Callable[[], VectorStore | None], model_id: str | None, encoder: ItemEncoder | None,
+        *, history_limit: int = 20, cart_weight: float = 2.0, context_weight: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.model_id = model_id
+        self.encoder = encoder
+        self.history_limit = history_limit  # older items say little about today's intent
+        self.cart_weight = cart_weight
+        self.context_weight = context_weight
+        self._context_cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def available(self) -> str | None:
+        """Needs a live model id and a reachable store."""
+        if self.model_id is None:
+            return "no indexed model (run `atelier run` or `atelier index`)"
+        if self.store() is None:
+            return "store unreachable"
+        return None
+
+    def context_vector(self, text: str, attributes: Mapping[str, list[str]]) -> np.ndarray | None:
+        """The tower's vector of a virtual item with the context as its title and its named STD values."""
+        if self.encoder is None:
+            return None
+        key = (text, repr(sorted(attributes.items())))
+        if key not in self._context_cache:
+            item = ItemJSON.model_validate({"item_id": "context", "clothes": dict(attributes),
+                                            "service": {"title": text}})
+            if len(self._context_cache) > 512:  # bounded: contexts are free text
+                self._context_cache.clear()
+            self._context_cache[key] = self.encoder.encode([item])[0]
+        return self._context_cache[key]
+
+    def recommend(self, request: StageRequest) -> list[Scored]:
+        """HNSW search around the weighted mean of cart, history and context vectors."""
+        store = self.store()
+        assert store is not None and self.model_id is not None, "available() was not checked"
+        history = list(request.history[-self.history_limit :])
+        seeds = list(dict.fromkeys([*history, *request.cart]))
+        vectors = vectors_of(store, self.model_id, seeds) if seeds else {}
+        parts: list[np.ndarray] = []
+        weights: list[float] = []
+        for item_id, vec in vectors.items():
+            parts.append(vec)
+            weights.append(self.cart_weight if item_id in request.cart else 1.0)
+        used = ["cart"] if any(i in vectors for i in request.cart) else []
+        if any(i in vectors for i in history):
+            used.append("recent items")
+        if request.context:
+            ctx = self.context_vector(request.context, request.context_attributes)
+            if ctx is not None:
+                parts.append(ctx)
+                weights.append(self.context_weight * max(1.0, sum(weights)))
+                used.append("context")
+        if not parts:
+            missing = f" ({len(seeds)} given, none indexed)" if seeds else ""
+            raise StageSkip(f"no history, cart or context to start from{missing}")
+        query = np.average(np.stack(parts), axis=0, weights=weights)  # (dim,)
+        query /= np.linalg.norm(query) + 1e-12
+        hits = store.search(self.model_id, query, request.k, filters=request.filters,
+                            exclude_ids=sorted(request.exclude), dedupe_groups=True)
+        reason = "close to your " + " and ".join(used) + " in the item tower's space"
+        return [Scored(item_id, score, self.name, reason) for item_id, score in hits]
+
+
+# --- popularity: from memory, so it serves even without the store ------------------------------
+
+
+@dataclass(frozen=True)
+class PopularEntry:
+    """A popular item with the fields popularity filters need (kept in memory)."""
+
+    item_id: str
+    category: str | None
+    gender: str | None
+    price: float | None
+    in_stock: bool | None
+
+    @classmethod
+    def of(cls, item: ItemJSON) -> PopularEntry:
+        """The filterable fields of an item JSON."""
+        def first(name: str) -> str | None:
+            values = item.clothes.get(name) or []
+            return values[0] if values else None
+
+        stock = item.service.stock
+        return cls(item.item_id, first("category"), first("gender"), item.service.price,
+                   None if stock is None else stock > 0)
+
+    def passes(self, f: SearchFilters) -> bool:
+        """The same predicates the store applies in SQL (unknown stock counts as available)."""
+        if f.categories and self.category not in f.categories:
+            return False
+        if f.genders and self.gender not in f.genders:
+            return False
+        if f.min_price is not None and (self.price is None or self.price < f.min_price):
+            return False
+        if f.max_price is not None and (self.price is None or self.price > f.max_price):
+            return False
+        return not (f.in_stock_only and self.in_stock is False)
+
+
+@dataclass
+class PopularLists:
+    """Ranked item ids overall and per segment (occasion, body profile), with filter fields."""
+
+    window_days: float | None
+    overall: list[str]
+    occasions: dict[str, list[str]] = field(default_factory=dict)
+    profiles: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
+    entries: dict[str, PopularEntry] = field(default_factory=dict)
+    built_at: float = field(default_factory=time.time)
+
+
+class PopularityStage:
+    """The most bought items of the recent window, within the shopper's occasion or body segment
+    when the data has them (RentTheRunway), overall otherwise. Always available: it needs no store."""
+
+    name = "popularity"
+
+    def __init__(self, lists: PopularLists, profile_keys: Callable[[dict[str, object]], list[tuple[str, ...]]]) -> None:
+        self.lists = lists
+        self.profile_keys = profile_keys
+
+    def available(self) -> str | None:
+        """Available whenever the cached list is non-empty."""
+        return None if self.lists.overall else "no interactions to count"
+
+    def recommend(self, request: StageRequest) -> list[Scored]:
+        """Segment lists first (occasion named in the context, then body profile), then overall."""
+        window = f"the last {self.lists.window_days:g} days" if self.lists.window_days else "the log"
+        sources: list[tuple[list[str], str]] = []
+        context = (request.context or "").lower()
+        for occasion, ranked in self.lists.occasions.items():
+            if occasion and occasion in context:
+                sources.append((ranked, f"popular for '{occasion}' over {window}"))
+        if request.profile:
+            for key in self.profile_keys(dict(request.profile)):
+                if key in self.lists.profiles:
+                    sources.append((self.lists.profiles[key], f"popular with shoppers of your build over {window}"))
+                    break
+        sources.append((self.lists.overall, f"among the most bought items of {window}"))
+        out: list[Scored] = []
+        seen = set(request.exclude)
+        for ranked, reason in sources:
+            for item_id in ranked:
+                entry = self.lists.entries.get(item_id)
+                if item_id in seen or entry is None or not entry.passes(request.filters):
+                    continue
+                seen.add(item_id)
+                out.append(Scored(item_id, None, self.name, reason))
+                if len(out) == request.k:
+                    return out
+        return out
+
+
+StageFactory = Callable[["StageContext"], Stage | None]
+STAGE_FACTORIES: dict[str, StageFactory] = {}
+
+
+def register_stage(name: str, factory: StageFactory) -> None:
+    """Add (or replace) the factory of a stage; its place in the chain comes from ``PREFERENCE``."""
+    if name not in PREFERENCE:
+        raise ValueError(f"unknown stage {name!r}: PREFERENCE orders {PREFERENCE}")
+    STAGE_FACTORIES[name] = factory
+
+
+@dataclass
+class StageContext:
+    """What a stage factory may use: settings, the store accessor, the live model and loaded parts."""
+
+    settings: object  # atelier.config.Settings (kept loose so stages need not import serve)
+    dataset: str
+    store: Callable[[], VectorStore | None]
+    model_id: str | None
+    encoder: ItemEncoder | None
+    popular: PopularLists
+    profile_keys: Callable[[dict[str, object]], list[tuple[str, ...]]]
+
+
+def _content(ctx: StageContext) -> Stage:
+    return ContentStage(ctx.store, ctx.model_id, ctx.encoder)
+
+
+def _popularity(ctx: StageContext) -> Stage:
+    return PopularityStage(ctx.popular, ctx.profile_keys)
+
+
+register_stage("content", _content)
+register_stage("popularity", _popularity)
+
+
+def build_chain(ctx: StageContext) -> tuple[list[Stage], dict[str, str]]:
+    """The stages to run, in preference order, and a line for each of ``PREFERENCE`` for /ready."""
+    stages: list[Stage] = []
+    status: dict[str, str] = {}
+    for name in PREFERENCE:
+        factory = STAGE_FACTORIES.get(name)
+        if factory is None:
+            status[name] = "not built yet"
+            continue
+        stage = factory(ctx)
+        if stage is None:
+            status[name] = "no model for this dataset"
+            continue
+        stages.append(stage)
+        status[name] = "registered"
+    return stages, status

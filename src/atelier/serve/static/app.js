@@ -1,0 +1,187 @@
+// atelier's page: plain DOM code over the JSON API (no build step). Every text from the server is
+// set with textContent, never innerHTML, so product titles cannot inject markup.
+"use strict";
+
+const state = { cart: [], highlight: null };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, cls, text) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  if (text !== undefined && text !== null) node.textContent = text;
+  return node;
+}
+
+async function api(method, path, body, headers = {}) {
+  const opts = { method, headers: { ...headers } };
+  if (body !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  const res = await fetch(path, opts);
+  const data = res.status === 204 ? null : await res.json().catch(() => null);
+  if (!res.ok) throw new Error((data && data.detail) || `${res.status} ${res.statusText}`);
+  return data;
+}
+
+function label(field, value) {
+  return field === "category" && value.includes("_") ? value.split("_").slice(1).join("_").replace(/^\d+/, "") : value;
+}
+
+function chips(item, shared = []) {
+  const box = el("div", "chips");
+  const sharedKeys = new Set(shared.map((s) => `${s.field}=${s.value}`));
+  for (const [field, values] of Object.entries(item.attributes || {})) {
+    if (field === "category_specification") continue;
+    for (const v of values) {
+      const chip = el("span", sharedKeys.has(`${field}=${v}`) ? "chip shared" : "chip", `${field.split(".").pop()}: ${label(field, v)}`);
+      box.append(chip);
+    }
+  }
+  return box;
+}
+
+function card(item, opts = {}) {
+  const c = el(opts.tag || "div", "card");
+  c.dataset.id = item.item_id;
+  if (state.highlight && item.item_id === state.highlight) c.classList.add("new");
+  if (opts.stage) c.append(el("span", `stage ${opts.stage.split(":")[0]}`, opts.stage));
+  c.append(el("h4", null, item.title || item.item_id));
+  const meta = [item.item_id];
+  if (item.price !== null && item.price !== undefined) meta.push(`price ${item.price}`);
+  if (opts.score !== undefined && opts.score !== null) meta.push(`score ${opts.score.toFixed(3)}`);
+  c.append(el("small", "muted", meta.join(" · ")));
+  c.append(chips(item, opts.shared));
+  if (opts.why) c.append(el("p", "why", opts.why));
+  const actions = el("div");
+  const add = el("button", "add-cart", "Add to cart");
+  add.type = "button";
+  add.addEventListener("click", () => addToCart(item));
+  const sim = el("button", "show-similar", "Similar");
+  sim.type = "button";
+  sim.addEventListener("click", () => showSimilar(item));
+  actions.append(add, sim);
+  c.append(actions);
+  return c;
+}
+
+function addToCart(item) {
+  if (!state.cart.some((i) => i.item_id === item.item_id)) state.cart.push(item);
+  renderCart();
+}
+
+function renderCart() {
+  const list = $("cart");
+  list.replaceChildren(...state.cart.map((i) => el("li", null, `${i.title} (${i.item_id})`)));
+}
+
+async function search(ev) {
+  if (ev) ev.preventDefault();
+  const params = new URLSearchParams({ query: $("q").value, limit: "24" });
+  if ($("category").value) params.append("category", $("category").value);
+  if ($("color").value) params.append("color", $("color").value);
+  $("browse-status").textContent = "searching…";
+  try {
+    const page = await api("GET", `/items?${params}`);
+    $("results").replaceChildren(...page.items.map((i) => card(i)));
+    $("browse-status").textContent = page.source === "popular"
+      ? `${page.items.length} popular items` : `${page.items.length} items found`;
+  } catch (e) {
+    $("browse-status").textContent = `search failed: ${e.message}`;
+  }
+}
+
+async function showSimilar(item) {
+  $("similar-panel").hidden = false;
+  $("similar-of").textContent = item.title;
+  try {
+    const res = await api("GET", `/items/${encodeURIComponent(item.item_id)}/similar?k=8`);
+    $("similar").replaceChildren(...res.items.map((i) => card(i, { score: i.score })));
+  } catch (e) {
+    $("similar").replaceChildren(el("p", "error", e.message));
+  }
+}
+
+function num(id) {
+  const v = $(id).value;
+  return v === "" ? null : Number(v);
+}
+
+async function recommend(ev, contextOverride) {
+  if (ev) ev.preventDefault();
+  const profile = { height_cm: num("height"), weight_kg: num("weight"), age: num("age") };
+  const body = { k: 12, cart: state.cart.map((i) => i.item_id) };
+  if (Object.values(profile).some((v) => v !== null)) body.profile = profile;
+  const context = contextOverride ?? $("context").value.trim();
+  if (context) body.context = context;
+  if ($("user-id").value.trim()) body.user_id = $("user-id").value.trim();
+  $("rec-status").textContent = "asking…";
+  try {
+    const res = await api("POST", "/recommend", body);
+    $("degraded").hidden = !res.degraded;
+    $("recs").replaceChildren(...res.items.map((i) => card(i, {
+      tag: "li", stage: i.stage, score: i.score, why: i.explanation.reason, shared: i.explanation.shared,
+    })));
+    const found = Object.entries(res.context_attributes).map(([f, v]) => `${f}=${v.map((x) => label(f, x)).join("/")}`);
+    $("rec-status").textContent = `${res.items.length} items from stage "${res.stage}" in ${res.elapsed_ms} ms`
+      + (found.length ? `; context understood as ${found.join(", ")}` : "")
+      + (res.notes.length ? `; ${res.notes.join("; ")}` : "");
+    return res;
+  } catch (e) {
+    $("rec-status").textContent = `recommend failed: ${e.message}`;
+    return null;
+  }
+}
+
+async function addProduct(ev) {
+  ev.preventDefault();
+  const product = { item_id: $("new-id").value.trim(), title: $("new-title").value.trim(), description: $("new-desc").value.trim() };
+  const attributes = {};
+  if ($("new-category").value) attributes.category = [$("new-category").value];
+  if ($("new-color").value) attributes.color = [$("new-color").value];
+  if (Object.keys(attributes).length) product.attributes = attributes;
+  if (num("new-price") !== null) product.price = num("new-price");
+  $("merch-status").textContent = "adding…";
+  $("merch-status").className = "muted";
+  const t0 = performance.now();
+  try {
+    const res = await api("POST", "/items", product, { "X-API-Key": $("api-key").value });
+    const ms = Math.round(performance.now() - t0);
+    state.highlight = product.item_id;
+    const attrs = Object.entries(res.item.clothes).map(([f, v]) => `${f}=${v.map((x) => label(f, x)).join("/")}`);
+    $("merch-status").textContent = `Added ${product.item_id} in ${ms} ms (${attrs.join(", ")}).`;
+    // Show it live: recommendations for a shopper whose context is the new product's own text.
+    const recs = await recommend(null, `${product.title} ${product.description}`.trim());
+    const rank = recs ? recs.items.findIndex((i) => i.item_id === product.item_id) : -1;
+    $("merch-status").textContent += rank >= 0
+      ? ` It appears at rank ${rank + 1} of the recommendations for its own description.`
+      : " It is not in the top 12 for its own description.";
+    $("merch-status").dataset.rank = String(rank + 1);
+  } catch (e) {
+    $("merch-status").textContent = `could not add: ${e.message}`;
+    $("merch-status").className = "error";
+  }
+}
+
+async function init() {
+  $("search-form").addEventListener("submit", search);
+  $("profile-form").addEventListener("submit", recommend);
+  $("merch-form").addEventListener("submit", addProduct);
+  $("clear-cart").addEventListener("click", () => { state.cart = []; renderCart(); });
+  try {
+    const meta = await api("GET", "/meta");
+    for (const c of meta.categories) {
+      for (const sel of ["category", "new-category"]) $(sel).append(new Option(c.label, c.value));
+    }
+    for (const c of meta.colors) for (const sel of ["color", "new-color"]) $(sel).append(new Option(c, c));
+  } catch (e) { /* pickers stay minimal; search still works */ }
+  fetch("/ready").then((r) => r.json()).then((r) => {
+    $("ready").textContent = r.ready
+      ? `${r.dataset} · ${r.model_id} · stages: ${Object.entries(r.stages).filter(([, s]) => s === "ready").map(([n]) => n).join(" → ")}`
+      : `degraded: store ${r.store}`;
+  }).catch(() => { $("ready").textContent = "service not ready"; });
+  await search();
+  document.body.dataset.ready = "1";
+}
+
+init();
