@@ -88,11 +88,11 @@ def search_items(
     if colors:
         clauses.append(sql.SQL("item->'clothes'->'color' ?| %(colors)s"))
         params["colors"] = list(colors)
-    first_word = sql.SQL("title ILIKE %(w0)s") if words else sql.SQL("true")
+    order = sql.SQL("(title ILIKE %(w0)s) DESC, ") if words else sql.SQL("")  # title hits first
     statement = sql.SQL(
-        "SELECT item_id, item FROM items WHERE {where} ORDER BY ({first}) DESC, updated_at DESC, item_id"
+        "SELECT item_id, item FROM items WHERE {where} ORDER BY {order}updated_at DESC, item_id"
         " LIMIT %(limit)s OFFSET %(offset)s"
-    ).format(where=sql.SQL(" AND ").join(clauses), first=first_word)
+    ).format(where=sql.SQL(" AND ").join(clauses), order=order)
     with store.connection() as conn:
         rows = conn.execute(statement, params).fetchall()
     return [(str(r[0]), dict(r[1])) for r in rows]

@@ -107,14 +107,20 @@ function num(id) {
   return v === "" ? null : Number(v);
 }
 
-async function recommend(ev, contextOverride) {
+// `shopperText` set: recommend for a fresh shopper who only describes what they want (used to show
+// a just-added product live); otherwise for the cart, profile, context and user id on the page.
+async function recommend(ev, shopperText) {
   if (ev) ev.preventDefault();
-  const profile = { height_cm: num("height"), weight_kg: num("weight"), age: num("age") };
-  const body = { k: 12, cart: state.cart.map((i) => i.item_id) };
-  if (Object.values(profile).some((v) => v !== null)) body.profile = profile;
-  const context = contextOverride ?? $("context").value.trim();
-  if (context) body.context = context;
-  if ($("user-id").value.trim()) body.user_id = $("user-id").value.trim();
+  let body;
+  if (shopperText) {
+    body = { k: 12, context: shopperText };
+  } else {
+    const profile = { height_cm: num("height"), weight_kg: num("weight"), age: num("age") };
+    body = { k: 12, cart: state.cart.map((i) => i.item_id) };
+    if (Object.values(profile).some((v) => v !== null)) body.profile = profile;
+    if ($("context").value.trim()) body.context = $("context").value.trim();
+    if ($("user-id").value.trim()) body.user_id = $("user-id").value.trim();
+  }
   $("rec-status").textContent = "asking…";
   try {
     const res = await api("POST", "/recommend", body);
@@ -154,8 +160,8 @@ async function addProduct(ev) {
     const recs = await recommend(null, `${product.title} ${product.description}`.trim());
     const rank = recs ? recs.items.findIndex((i) => i.item_id === product.item_id) : -1;
     $("merch-status").textContent += rank >= 0
-      ? ` It appears at rank ${rank + 1} of the recommendations for its own description.`
-      : " It is not in the top 12 for its own description.";
+      ? ` It appears at rank ${rank + 1} of the recommendations for a shopper describing it.`
+      : " It is not in the top 12 for a shopper describing it.";
     $("merch-status").dataset.rank = String(rank + 1);
   } catch (e) {
     $("merch-status").textContent = `could not add: ${e.message}`;

@@ -1,0 +1,374 @@
+"""The web service through FastAPI's TestClient, against a real embedded PostgreSQL + pgvector.
+
+A tiny run folder is built once per session by the real pipeline functions: ingest of a
+400-article H&M slice (with every transaction of those articles), the column vocabulary, a small
+untrained item tower saved as a checkpoint, ``encode_stage`` (MiniLM text + tower) and
+``index_stage`` (COPY, HNSW, probe). The service then loads it exactly as ``atelier serve`` does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from atelier.config import Settings
+from atelier.schema import ItemJSON
+from atelier.serve.app import create_app
+from atelier.serve.explain import context_attributes
+from atelier.serve.schemas import ProductIn
+from atelier.serve.service import RecommendService, error_log_path
+from atelier.serve.stages import PopularityStage, Scored, StageRequest, StageSkip, register_stage, run_chain
+from atelier.store import SearchFilters
+
+N_ARTICLES = 400  # enough for categories, colours and a popular list; MiniLM encodes it in ~2 s
+API_KEY = "test-key-0123456789"
+
+
+def build_tiny_run(run_dir: Path, data_dir: Path) -> Settings:
+    """A run folder with an ingested H&M slice, a small item tower and its vectors indexed (idempotent)."""
+    from atelier.catalogue import column_items
+    from atelier.content import checkpoint_path, encode_stage, index_stage, tower_config, vocab_path
+    from atelier.ingest import ingest, load_tables
+    from atelier.models.item_tower import ItemTower, save_checkpoint
+    from atelier.schema import load_schema
+    from atelier.vocab import build_vocab
+
+    settings = Settings.model_validate({"run_dir": run_dir, "data_dir": run_dir / "source", "DATABASE_URL": "",
+                                        "api_key": API_KEY})
+    if (run_dir / "index" / "hm.json").is_file():
+        return settings
+    source = run_dir / "source" / "hm"
+    source.mkdir(parents=True)
+    with gzip.open(data_dir / "hm" / "articles.csv.gz", "rt", encoding="utf-8") as fh:
+        head = [next(fh) for _ in range(N_ARTICLES + 1)]
+    with gzip.open(source / "articles.csv.gz", "wt", encoding="utf-8") as fh:
+        fh.writelines(head)
+    ids = {line.split(",", 1)[0] for line in head[1:]}
+    tx = pd.read_csv(data_dir / "hm" / "transactions.csv.gz", dtype=str)
+    tx[tx["article_id"].isin(ids)].to_csv(source / "transactions.csv.gz", index=False, compression="gzip")
+    ingest("hm", source, run_dir / "data")
+    items = load_tables(settings.dataset_dir("hm"))[0]
+    vocab = build_vocab(load_schema(), column_items(items, "hm"))
+    vocab.save(vocab_path(settings))
+    torch.manual_seed(0)
+    tower = ItemTower(tower_config(vocab, d_model=32, n_heads=2, n_layers=1, head_blocks=1, out_dim=32)).eval()
+    save_checkpoint(tower, checkpoint_path(settings, "hm"), vocab.to_dict(), {"dataset": "hm"})
+    encode_stage(settings, "hm")
+    report = index_stage(settings, "hm")
+    assert report["ok"], report["problems"]
+    return settings
+
+
+@pytest.fixture(scope="session")
+def serve_settings(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Settings:
+    """Settings of the session's tiny run (shared with the browser test)."""
+    return build_tiny_run(tmp_path_factory.getbasetemp() / "serve-run", data_dir)
+
+
+@pytest.fixture(scope="session")
+def service(serve_settings: Settings) -> Iterator[RecommendService]:
+    """One service for the session, loaded as ``atelier serve`` loads it."""
+    svc = RecommendService(serve_settings)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def client(service: RecommendService, serve_settings: Settings) -> Iterator[TestClient]:
+    """A TestClient over the shared service."""
+    with TestClient(create_app(serve_settings, service=service)) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def catalogue_ids(serve_settings: Settings) -> list[str]:
+    """The ingested item ids in catalogue order."""
+    return pd.read_parquet(serve_settings.dataset_dir("hm") / "items.parquet")["item_id"].astype(str).tolist()
+
+
+def product(item_id: str, **extra: object) -> dict[str, object]:
+    """A new product as a merchandiser would post it."""
+    body: dict[str, object] = {
+        "item_id": item_id, "title": "Emerald satin slip dress",
+        "description": "Bias-cut midi slip dress in green satin with narrow adjustable straps.",
+        "columns": {"product_type_name": "Dress", "colour_group_name": "Green"}, "price": 0.05,
+    }
+    return {**body, **extra}
+
+
+AUTH = {"X-API-Key": API_KEY}
+
+
+# --- health, readiness, schema -----------------------------------------------------------------
+
+
+def test_health_ready_and_openapi(client: TestClient) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200, ready.text
+    body = ready.json()
+    assert body["ready"] and not body["degraded"] and body["store"] == "ok"
+    assert body["model_id"].startswith("item_tower:hm:")
+    assert body["stages"]["content"] == "ready" and body["stages"]["popularity"] == "ready"
+    assert body["stages"]["two_tower"] == "not built yet"
+    assert body["ingest"] == "ready"
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/recommend", "/items", "/items/{item_id}", "/items/{item_id}/similar", "/ready"} <= set(paths)
+    page = client.get("/")
+    assert page.status_code == 200 and "merch-form" in page.text
+
+
+# --- items ------------------------------------------------------------------------------------
+
+
+def test_get_item_and_unknown(client: TestClient, catalogue_ids: list[str]) -> None:
+    item = client.get(f"/items/{catalogue_ids[0]}").json()
+    assert item["item_id"] == catalogue_ids[0] and item["title"]
+    assert item["attributes"]["category"]
+    missing = client.get("/items/0000000000")
+    assert missing.status_code == 404 and "unknown item id" in missing.json()["detail"]
+
+
+def test_search_browse_and_filters(client: TestClient) -> None:
+    front = client.get("/items").json()
+    assert front["source"] == "popular" and front["items"]
+    found = client.get("/items", params={"query": "top", "limit": 5}).json()
+    assert found["source"] == "search" and 0 < len(found["items"]) <= 5
+    assert all("top" in (i["title"] + i["description"]).lower() for i in found["items"])
+    dresses = client.get("/items", params={"category": "dress"}).json()["items"]
+    assert dresses and all(i["attributes"]["category"] == ["04onepiece_01dress"] for i in dresses)
+    bad = client.get("/items", params={"category": "spaceship"})
+    assert bad.status_code == 422 and "category" in bad.json()["detail"]
+    assert client.get("/items", params={"limit": 0}).status_code == 422
+
+
+def test_similar(client: TestClient, catalogue_ids: list[str]) -> None:
+    res = client.get(f"/items/{catalogue_ids[3]}/similar", params={"k": 5}).json()
+    ids = [i["item_id"] for i in res["items"]]
+    assert 0 < len(ids) <= 5 and catalogue_ids[3] not in ids
+    scores = [i["score"] for i in res["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert client.get(f"/items/{catalogue_ids[3]}/similar", params={"k": 0}).status_code == 422
+    assert client.get("/items/0000000000/similar").status_code == 404
+
+
+# --- recommend --------------------------------------------------------------------------------
+
+
+def test_recommend_cart_is_content_with_explanations(client: TestClient, catalogue_ids: list[str]) -> None:
+    cart = catalogue_ids[:2]
+    res = client.post("/recommend", json={"cart": cart, "k": 8}).json()
+    assert res["stage"] == "content" and not res["degraded"]
+    assert len(res["items"]) == 8
+    ids = [i["item_id"] for i in res["items"]]
+    assert not set(ids) & set(cart), "cart items are excluded"
+    content = [i for i in res["items"] if i["stage"] == "content"]
+    assert content and all(i["score"] is not None for i in content)
+    assert any(s["source"] == "cart" for i in content for s in i["explanation"]["shared"])
+    assert "cart" in content[0]["explanation"]["reason"]
+    assert res["stages"][0] == {"name": "content", "status": "served", "detail": "", "items": len(content)}
+
+
+def test_recommend_anonymous_is_popularity(client: TestClient) -> None:
+    res = client.post("/recommend", json={"k": 5, "profile": {"height_cm": 170, "weight_kg": 60, "age": 30}}).json()
+    assert res["stage"] == "popularity" and len(res["items"]) == 5
+    assert res["stages"][0]["name"] == "content" and res["stages"][0]["status"] == "skipped"
+    assert all(i["score"] is None and "most bought" in i["explanation"]["reason"] for i in res["items"])
+
+
+def test_recommend_known_user_excludes_history(client: TestClient, service: RecommendService) -> None:
+    user, history = next((u, h) for u, h in service.catalogue.histories.items() if len(h) >= 2)
+    res = client.post("/recommend", json={"user_id": user, "k": 6}).json()
+    assert res["stage"] == "content" and not res["notes"]
+    assert not {i["item_id"] for i in res["items"]} & set(history)
+    stranger = client.post("/recommend", json={"user_id": "nobody-at-all", "k": 3}).json()
+    assert stranger["stage"] == "popularity" and "treated as anonymous" in stranger["notes"][0]
+
+
+def test_recommend_context_and_filters(client: TestClient) -> None:
+    res = client.post("/recommend", json={"context": "a black dress for a wedding", "k": 5,
+                                          "filters": {"categories": ["dress"]}}).json()
+    assert res["context_attributes"]["category"] == ["04onepiece_01dress"]
+    assert res["context_attributes"]["color"] == ["black"]
+    assert res["stage"] == "content" and res["items"]
+    assert all(i["attributes"]["category"] == ["04onepiece_01dress"] for i in res["items"])
+
+
+def test_validation_errors_name_the_field(client: TestClient) -> None:
+    cases = [
+        ({"k": 0}, "body.k"),
+        ({"kk": 3}, "body.kk"),
+        ({"profile": {"height_cm": 1.7}}, "body.profile.height_cm"),
+        ({"filters": {"categories": ["spaceship"]}}, "body.filters.categories"),
+        ({"cart": "0108775015"}, "body.cart"),
+    ]
+    for body, field in cases:
+        res = client.post("/recommend", json=body)
+        assert res.status_code == 422, (body, res.text)
+        assert field in res.json()["detail"], res.json()
+    broken = client.post("/recommend", content=b"{not json", headers={"content-type": "application/json"})
+    assert broken.status_code == 422
+
+
+def test_body_size_limit(client: TestClient, serve_settings: Settings) -> None:
+    big = {"context": "x" * 100, "cart": ["a" * 100] * 50, "pad": "y" * serve_settings.serve_max_body_bytes}
+    res = client.post("/recommend", json=big)
+    assert res.status_code == 413 and "bytes" in res.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must still hold
+        yield b'{"context": "'
+        for _ in range(serve_settings.serve_max_body_bytes // 1000 + 2):
+            yield b"z" * 1000
+        yield b'"}'
+
+    res = client.post("/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert res.status_code == 413
+
+
+# --- writes -----------------------------------------------------------------------------------
+
+
+def test_write_endpoints_need_the_key(client: TestClient, service: RecommendService,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    assert client.post("/items", json=product("auth-1")).status_code == 401
+    assert client.post("/items", json=product("auth-1"), headers={"X-API-Key": "wrong"}).status_code == 403
+    assert client.delete("/items/auth-1", headers={"X-API-Key": "wrong"}).status_code == 403
+    assert client.post("/items", json=product("auth-1"), headers={"Authorization": "Bearer nope"}).status_code == 403
+    monkeypatch.setattr(service.settings, "api_key", "")
+    off = client.post("/items", json=product("auth-1"), headers=AUTH)
+    assert off.status_code == 403 and "ATELIER_API_KEY" in off.json()["detail"]
+    assert client.get("/items/auth-1").status_code == 404
+
+
+def test_cold_start_product_is_live_at_once(client: TestClient) -> None:
+    body = product("new-emerald-1")
+    created = client.post("/items", json=body, headers=AUTH)
+    assert created.status_code == 201, created.text
+    item = created.json()["item"]
+    assert item["clothes"]["category"] == ["04onepiece_01dress"] and item["clothes"]["color"] == ["green"]
+    assert client.get("/items/new-emerald-1").json()["title"] == body["title"]
+    assert client.post("/items", json=body, headers=AUTH).status_code == 409
+    # recommendable at once: a shopper describing it gets it, and its neighbours are searchable
+    res = client.post("/recommend", json={"context": f"{body['title']}. {body['description']}", "k": 10}).json()
+    assert "new-emerald-1" in [i["item_id"] for i in res["items"]], res["items"]
+    assert client.get("/items/new-emerald-1/similar", params={"k": 3}).json()["items"]
+    # PUT replaces (explicit attributes win over columns), DELETE removes it and its vector
+    replaced = client.put("/items/new-emerald-1", json=product("new-emerald-1", attributes={"color": ["navy"]}),
+                          headers=AUTH)
+    assert replaced.status_code == 200 and replaced.json()["item"]["clothes"]["color"] == ["navy"]
+    mismatch = client.put("/items/other-id", json=product("new-emerald-1"), headers=AUTH)
+    assert mismatch.status_code == 422 and "item_id" in mismatch.json()["detail"]
+    assert client.delete("/items/new-emerald-1", headers=AUTH).status_code == 204
+    assert client.get("/items/new-emerald-1").status_code == 404
+    assert client.delete("/items/new-emerald-1", headers=AUTH).status_code == 404
+
+
+def test_product_validation(client: TestClient) -> None:
+    bad_attr = client.post("/items", json=product("p-1", attributes={"colour": ["red"]}), headers=AUTH)
+    assert bad_attr.status_code == 422 and "attributes" in bad_attr.json()["detail"]
+    bad_value = client.post("/items", json=product("p-1", attributes={"color": ["plaid-ish"]}), headers=AUTH)
+    assert bad_value.status_code == 422 and "color" in bad_value.json()["detail"]
+    bad_id = client.post("/items", json=product("../etc/passwd"), headers=AUTH)
+    assert bad_id.status_code == 422 and "item_id" in bad_id.json()["detail"]
+    assert client.post("/items", json=product("p-1", title=""), headers=AUTH).status_code == 422
+
+
+def test_enrichment_failure_stores_nothing(client: TestClient, service: RecommendService,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    class Broken:
+        name = "broken-llm"
+
+        def __call__(self, product: ProductIn) -> ItemJSON:
+            raise TimeoutError("LLM backend timed out")
+
+    monkeypatch.setattr(service, "enricher", Broken())
+    res = client.post("/items", json=product("fails-1"), headers=AUTH)
+    assert res.status_code == 502
+    assert "broken-llm" in res.json()["detail"] and "nothing was stored" in res.json()["detail"]
+    assert client.get("/items/fails-1").status_code == 404
+    records = [json.loads(line) for line in error_log_path(service.settings).read_text().splitlines()]
+    assert records[-1]["item_id"] == "fails-1" and "timed out" in records[-1]["error"]
+    assert API_KEY not in error_log_path(service.settings).read_text()
+
+
+# --- degraded modes ---------------------------------------------------------------------------
+
+
+def test_unreachable_store_serves_cached_popular(serve_settings: Settings, service: RecommendService) -> None:
+    dead = serve_settings.model_copy(update={"database_url": "postgresql://atelier@127.0.0.1:1/atelier"})
+    svc = RecommendService(dead, catalogue=service.catalogue, warm_up=False)
+    with TestClient(create_app(dead, service=svc)) as c:
+        ready = c.get("/ready")
+        assert ready.status_code == 503 and ready.json()["degraded"] and "unreachable" in ready.json()["store"]
+        res = c.post("/recommend", json={"cart": ["0108775015"], "k": 4})
+        assert res.status_code == 200
+        body = res.json()
+        assert body["degraded"] and body["stage"] == "popularity" and len(body["items"]) == 4
+        assert all(i["title"] for i in body["items"]), "cached items carry their JSON"
+        assert body["stages"][0]["status"] == "unavailable"
+        assert c.get("/items/0108775015").status_code == 503
+        assert c.post("/items", json=product("x-1"), headers=AUTH).status_code == 503
+        assert c.get("/items").json()["items"], "the front page still shows popular items"
+
+
+def test_store_lost_mid_run_falls_back(serve_settings: Settings, service: RecommendService,
+                                       catalogue_ids: list[str]) -> None:
+    svc = RecommendService(serve_settings, catalogue=service.catalogue, warm_up=False)
+    store = svc.store()
+    assert store is not None
+    with TestClient(create_app(serve_settings, service=svc)) as c:
+        assert c.post("/recommend", json={"cart": catalogue_ids[:1], "k": 3}).json()["stage"] == "content"
+        store.close()  # the pool is gone: every store call now fails like a lost server
+        body = c.post("/recommend", json={"cart": catalogue_ids[:1], "k": 3}).json()
+        assert body["degraded"] and body["stage"] == "popularity" and len(body["items"]) == 3
+        assert body["stages"][0]["status"] == "failed"
+        # the breaker holds: the next request does not touch the store at all
+        again = c.post("/recommend", json={"cart": catalogue_ids[:1], "k": 3}).json()
+        assert again["degraded"] and again["stages"][0]["status"] == "unavailable"
+
+
+# --- units ------------------------------------------------------------------------------------
+
+
+def test_context_attributes_use_schema_synonyms() -> None:
+    found = context_attributes("Navy blue trousers for the office, wool")
+    assert found["color"] == ["navy"] and found["category"] == ["03bottom_02pants"]
+    assert found["fiber_composition"] == ["wool"]
+    assert context_attributes("") == {}
+
+
+class _Fixed:
+    def __init__(self, name: str, ids: list[str], skip: bool = False) -> None:
+        self.name, self.ids, self.skip = name, ids, skip
+
+    def available(self) -> str | None:
+        return None
+
+    def recommend(self, request: StageRequest) -> list[Scored]:
+        if self.skip:
+            raise StageSkip("nothing to start from")
+        return [Scored(i, 1.0, self.name, "fixed") for i in self.ids if i not in request.exclude][: request.k]
+
+
+def test_chain_pads_from_later_stages_and_reports() -> None:
+    chain = [_Fixed("two_tower", [], skip=True), _Fixed("content", ["a", "b"]), _Fixed("popularity", ["b", "c", "d"])]
+    result = run_chain(chain, StageRequest(k=3, exclude=frozenset({"d"})))
+    assert [(s.item_id, s.stage) for s in result.items] == [("a", "content"), ("b", "content"), ("c", "popularity")]
+    assert [r.status for r in result.reports] == ["skipped", "served", "served"]
+    with pytest.raises(ValueError, match="unknown stage"):
+        register_stage("magic", lambda ctx: None)
+
+
+def test_popularity_respects_filters(service: RecommendService) -> None:
+    stage = PopularityStage(service.catalogue.popular, lambda p: [])
+    dresses = stage.recommend(StageRequest(k=5, filters=SearchFilters(categories=("04onepiece_01dress",))))
+    entries = service.catalogue.popular.entries
+    assert all(entries[s.item_id].category == "04onepiece_01dress" for s in dresses)
+
