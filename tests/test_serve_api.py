@@ -372,3 +372,24 @@ def test_popularity_respects_filters(service: RecommendService) -> None:
     entries = service.catalogue.popular.entries
     assert all(entries[s.item_id].category == "04onepiece_01dress" for s in dresses)
 
+
+
+def test_llm_enricher_through_the_fake_backend(client: TestClient, service: RecommendService,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from atelier.enrich.fake import FakeExtractor
+    from atelier.serve.products import make_enricher
+
+    llm_settings = service.settings.model_copy(update={"llm_backend": "fake"})
+    enricher = make_enricher("llm", "hm", llm_settings)
+    monkeypatch.setattr(service, "enricher", enricher)
+    created = client.post("/items", json=product("llm-1"), headers=AUTH)
+    assert created.status_code == 201, created.text
+    assert created.json()["enricher"] == "llm:fake"
+    clothes = created.json()["item"]["clothes"]
+    assert clothes["category"] == ["04onepiece_01dress"] and clothes["color"] == ["green"]  # column facts kept
+    assert client.delete("/items/llm-1", headers=AUTH).status_code == 204
+    # a backend that fails every attempt: 502, nothing stored
+    monkeypatch.setattr(enricher, "extractor", FakeExtractor(responses=[RuntimeError("backend down")] * 5))
+    failed = client.post("/items", json=product("llm-2"), headers=AUTH)
+    assert failed.status_code == 502 and "nothing was stored" in failed.json()["detail"]
+    assert client.get("/items/llm-2").status_code == 404

@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     serve_workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes.")
     serve_dataset: str = Field(default="hm", description="Dataset whose indexed model the web service serves.")
     serve_max_body_bytes: int = Field(default=65_536, ge=1024, description="Largest request body accepted (413 above).")
-    serve_enricher: str = Field(default="columns", description="Raw product -> item JSON on ingest: columns | ...")
+    serve_enricher: str = Field(default="columns", description="Raw product -> item JSON on ingest: columns | llm.")
 
     @field_validator("run_dir", mode="after")
     @classmethod

@@ -3,8 +3,9 @@
 An ``Enricher`` is any callable from a ``ProductIn`` to an ``ItemJSON``. The default,
 ``ColumnEnricher``, is the deterministic column mapping the catalogue itself goes through
 (``atelier.catalogue.column_items``) plus any STD values the merchandiser gave, normalised against
-the schema. The LLM enrichment backend plugs in by registering another factory under a name
-(``register_enricher``) and setting ``ATELIER_SERVE_ENRICHER``; nothing else changes.
+the schema. ``ATELIER_SERVE_ENRICHER=llm`` selects ``LLMEnricher`` (columns, then the LLM backend of
+``ATELIER_LLM_BACKEND`` through ``atelier.enrich``); other enrichers register a factory under a
+name (``register_enricher``); nothing else changes.
 
 ``ItemEncoder`` encodes item JSON exactly as ``atelier encode`` does (MiniLM vector of title +
 description as the text token, the checkpoint's own vocabulary for STD/RE ids), so a new product
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from atelier.catalogue import column_items
+from atelier.config import Settings
 from atelier.models.item_tower import encode_items, item_inputs, load_checkpoint
 from atelier.schema import ItemJSON, Service, load_schema
 from atelier.serve.schemas import ProductIn
@@ -69,21 +71,49 @@ class ColumnEnricher:
         )
 
 
-EnricherFactory = Callable[[str], Enricher]
-ENRICHERS: dict[str, EnricherFactory] = {"columns": ColumnEnricher}
+class LLMEnricher:
+    """The column mapping first, then the configured LLM backend (``atelier.enrich``) fills in the
+    STD fields the columns lack and the RE phrases; a failed extraction raises (the service answers
+    502 and stores nothing)."""
+
+    def __init__(self, dataset: str, settings: Settings) -> None:
+        from atelier.enrich import get_extractor
+
+        self.columns = ColumnEnricher(dataset)
+        self.extractor = get_extractor(settings.llm_backend, settings)
+        self.name = f"llm:{settings.llm_backend}"
+
+    def __call__(self, product: ProductIn) -> ItemJSON:
+        """Column facts as the extractor's known values, the shop fields as its service fields."""
+        from atelier.enrich import enrich_product
+
+        base = self.columns(product)
+        raw = {"item_id": product.item_id, "title": product.title, "description": product.description,
+               "known": base.clothes, "service": base.service.model_dump(exclude={"title", "description"})}
+        result = enrich_product(raw, self.extractor)
+        if result.status == "error" or result.item is None:
+            raise EnrichError(f"{self.extractor.model_id}: {result.error or 'no item returned'}")
+        return result.item
+
+
+EnricherFactory = Callable[[str, Settings], Enricher]
+ENRICHERS: dict[str, EnricherFactory] = {
+    "columns": lambda dataset, settings: ColumnEnricher(dataset),
+    "llm": LLMEnricher,  # backend from ATELIER_LLM_BACKEND (embedded, openai, fake)
+}
 
 
 def register_enricher(name: str, factory: EnricherFactory) -> None:
-    """Make an enricher selectable by ``ATELIER_SERVE_ENRICHER=name`` (factory takes the dataset)."""
+    """Make an enricher selectable by ``ATELIER_SERVE_ENRICHER=name`` (factory gets dataset, settings)."""
     ENRICHERS[name] = factory
 
 
-def make_enricher(name: str, dataset: str) -> Enricher:
+def make_enricher(name: str, dataset: str, settings: Settings) -> Enricher:
     """The enricher registered under ``name`` for a dataset, or ValueError listing the known ones."""
     factory = ENRICHERS.get(name)
     if factory is None:
         raise ValueError(f"unknown enricher {name!r} (ATELIER_SERVE_ENRICHER); known: {sorted(ENRICHERS)}")
-    return factory(dataset)
+    return factory(dataset, settings)
 
 
 class ItemEncoder:

@@ -158,7 +158,7 @@ class RecommendService:
         self._lock = threading.Lock()
         self.schema = load_schema()
         self.model_id = live_model_id(settings, self.dataset)
-        self.enricher = enricher or make_enricher(settings.serve_enricher, self.dataset)
+        self.enricher = enricher or make_enricher(settings.serve_enricher, self.dataset, settings)
         self.encoder, self.ingest_blocker = self._load_encoder()
         if warm_up and self.encoder is not None:
             self.encoder.warm_up()
