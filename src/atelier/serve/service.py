@@ -330,14 +330,15 @@ class RecommendService:
         """Run the stage chain for a known or anonymous shopper and explain every item."""
         t0 = time.perf_counter()
         notes: list[str] = []
-        history: list[str] = []
+        known: tuple[str, ...] = ()
         if req.user_id:
-            known = self.catalogue.histories.get(req.user_id)
-            if known:
-                history.extend(known)
-            else:
+            known = self.catalogue.histories.get(req.user_id, ())
+            if not known:
                 notes.append(f"user {req.user_id!r} has no history in {self.dataset}: treated as anonymous")
-        history.extend(i for i in req.recent_item_ids if i not in history)
+        # oldest first; an item seen again recently moves to its recent position
+        recent = list(dict.fromkeys(req.recent_item_ids))
+        recent_set = set(recent)
+        history = [i for i in known if i not in recent_set] + recent
         cart = list(dict.fromkeys(req.cart))
         ctx_attrs = context_attributes(req.context) if req.context else {}
         f = req.filters
