@@ -208,6 +208,7 @@ def test_validation_errors_name_the_field(client: TestClient) -> None:
         ({"profile": {"height_cm": 1.7}}, "body.profile.height_cm"),
         ({"filters": {"categories": ["spaceship"]}}, "body.filters.categories"),
         ({"cart": "0108775015"}, "body.cart"),
+        ({"filters": {"min_price": 2, "max_price": 1}}, "body.filters"),
     ]
     for body, field in cases:
         res = client.post("/recommend", json=body)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from atelier.schema import load_schema
 
@@ -67,6 +67,12 @@ class Filters(BaseModel):
     @classmethod
     def _genders(cls, v: list[str]) -> list[str]:
         return std_values("gender", v)
+
+    @model_validator(mode="after")
+    def _price_range(self) -> Filters:
+        if self.min_price is not None and self.max_price is not None and self.max_price < self.min_price:
+            raise ValueError(f"max_price {self.max_price} is below min_price {self.min_price}")
+        return self
 
 
 class RecommendRequest(BaseModel):
