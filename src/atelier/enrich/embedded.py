@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,66 @@ def ensure_gguf(path: Path) -> Path:
     return Path(gguf_pkg.assemble(path))
 
 
+_TOKEN_DTYPE = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_data, 12 bytes
+
+
+def _fast_grammar_sampler(llm: Any, top_k: int) -> Callable[..., Any]:
+    """An ``_init_sampler`` replacement: greedy decoding that checks the grammar on the top-k first.
+
+    llama.cpp's grammar sampler tests every one of Gemma's 262,144 vocabulary entries against
+    the grammar at each step (~0.15 s a token on 2 cores, 10x the forward pass). Greedy decoding
+    only needs the best *valid* token: test the ``top_k`` most likely ones and fall back to the
+    whole vocabulary only when none of them fits (the same idea as llama.cpp's own
+    ``common_sampler``). A plain ``top_k`` stage before the grammar is not an option: when no
+    candidate fits, llama.cpp aborts the process.
+    """
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import _internals as internals
+
+    default_init = llm._init_sampler
+
+    def init_sampler(*args: Any, grammar: Any = None, temp: float = 0.8, **kwargs: Any) -> Any:
+        if grammar is None or temp != 0.0:
+            return default_init(*args, grammar=grammar, temp=temp, **kwargs)
+        gsampler = llama_cpp.llama_sampler_init_grammar(
+            llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
+        small = (llama_cpp.llama_token_data * top_k)()
+        small_arr = llama_cpp.llama_token_data_array(data=small, size=top_k, selected=-1, sorted=False)
+        small_np = np.frombuffer(small, dtype=_TOKEN_DTYPE)  # type: ignore[call-overload]
+
+        def apply(cur_p: Any) -> None:
+            size = cur_p.contents.size
+            raw = (ctypes.c_char * (size * 12)).from_address(ctypes.addressof(cur_p.contents.data.contents))
+            full = np.frombuffer(raw, dtype=_TOKEN_DTYPE)
+            top = np.argpartition(full["logit"], -top_k)[-top_k:]
+            small_np[:] = full[top]
+            small_arr.size, small_arr.selected, small_arr.sorted = top_k, -1, False
+            llama_cpp.llama_sampler_apply(gsampler, ctypes.byref(small_arr))
+            logits = small_np["logit"]
+            if np.isfinite(logits).any():
+                best = int(top[int(np.argmax(logits))])
+            else:  # no likely token fits: check the whole vocabulary (rare; slow)
+                llama_cpp.llama_sampler_apply(gsampler, cur_p)
+                best = int(np.argmax(full["logit"]))
+            token = int(full["id"][best])
+            llama_cpp.llama_sampler_accept(gsampler, token)  # greedy: this token is the one taken
+            keep = full["logit"][best]
+            full["logit"][:] = -np.inf
+            full["logit"][best] = keep
+
+        sampler = internals.LlamaSampler()
+        sampler.add_custom(apply)
+        sampler.add_greedy()
+        # Free the grammar sampler with the chain (it is not part of it).
+        sampler._exit_stack.callback(lambda: llama_cpp.llama_sampler_free(gsampler))
+        return sampler
+
+    return init_sampler
+
+
 @register("embedded")
 class EmbeddedExtractor(Extractor):
     """Gemma 3 270M through llama.cpp; one request at a time (a llama context is not thread-safe)."""
@@ -54,8 +115,10 @@ class EmbeddedExtractor(Extractor):
     concurrency = 1
     constrained = True
 
-    def __init__(self, model_path: Path, n_threads: int | None = None, n_ctx: int = 4096, seed: int = 0) -> None:
+    def __init__(self, model_path: Path, n_threads: int | None = None, n_ctx: int = 4096, seed: int = 0,
+                 grammar_top_k: int = 64) -> None:
         self.model_path = Path(model_path)
+        self.grammar_top_k = grammar_top_k  # 0 = llama.cpp's stock grammar sampler (whole vocabulary)
         self.n_threads = n_threads or max(1, os.cpu_count() or 1)
         self.n_ctx = n_ctx  # the guide is ~1,300 tokens; H&M descriptions add at most a few hundred
         self.seed = seed
@@ -87,8 +150,11 @@ class EmbeddedExtractor(Extractor):
                     "or `pip install -e .[llm]`"
                 ) from exc
             path = ensure_gguf(self.model_path)
-            self._llm = Llama(model_path=str(path), n_ctx=self.n_ctx, n_threads=self.n_threads, seed=self.seed,
-                              verbose=False)
+            llm = Llama(model_path=str(path), n_ctx=self.n_ctx, n_threads=self.n_threads, seed=self.seed,
+                        verbose=False)
+            if self.grammar_top_k:
+                llm._init_sampler = _fast_grammar_sampler(llm, self.grammar_top_k)  # type: ignore[method-assign]
+            self._llm = llm
         return self._llm
 
     def complete(self, request: ExtractionRequest) -> str:

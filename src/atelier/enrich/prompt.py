@@ -174,7 +174,8 @@ def _make_guide(schema: Schema) -> str:
         lines.append(f"- {name} ({about}): {', '.join(labels[name])}")
     lines.append("Free-text attributes (re):")
     for name, re_spec in schema.re.items():
-        lines.append(f"- {name}: {re_spec.description}")
+        # Without the schema's example phrases: the 270M model copies them ("wrap dress" on a top).
+        lines.append(f"- {name}: {re_spec.description.split('(')[0].strip()}")
     return _SYSTEM + "\n".join(lines)
 
 
