@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     llm_concurrency: int = Field(default=8, ge=1, description="Requests in flight at once (openai backend).")
     llm_timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout (openai backend).")
     llm_max_retries: int = Field(default=3, ge=0, description="Retries with backoff on 5xx/timeouts (openai backend).")
+    llm_threads: int = Field(default=0, ge=0, description="CPU threads of the embedded backend (0 = half the cores).")
     api_key: str = Field(default="", description="Key that write endpoints of the web service require.")
     serve_host: str = Field(default="127.0.0.1", description="Address `atelier serve` listens on.")
     serve_port: int = Field(default=8000, ge=1, le=65535, description="Port `atelier serve` listens on.")
