@@ -1,0 +1,163 @@
+"""Stage 2 end to end: frozen item vectors -> trained user tower -> top-100 candidates.
+
+``TwoTowerRecommender`` is the harness's two-tower retriever: ``fit`` trains a user tower on the
+training window it is given (or reloads the checkpoint of an identical earlier fit) against the item
+tower's frozen vectors, and ``recommend`` scores the catalogue by inner product with the retrieval keys
+``[v, b]`` (item vector, log popularity). ``train_user_stage`` is ``atelier train user``: the same fit on
+the dataset's evaluation split, saved where serving and ``atelier recommend`` look for it.
+``index_user_stage`` loads the keys into the store so ``retrieve`` is one pgvector query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+
+from atelier.config import Settings
+from atelier.evaluate import POPULARITY_WINDOW_DAYS
+from atelier.models.user_tower import UserTowerConfig, load_user_checkpoint, save_user_checkpoint
+from atelier.recommender import Query, Recommender, TrainData
+from atelier.train_user import ProgressFn, TrainUserConfig, UserTowerRecommender
+
+# An item's popularity b counts the same days of the log as the popularity baseline.
+BIAS_WINDOW_DAYS = POPULARITY_WINDOW_DAYS
+
+
+def user_checkpoint_path(settings: Settings, dataset: str) -> Path:
+    """Where ``atelier train user`` saves the user tower of a dataset."""
+    return settings.run_dir / "models" / f"user_tower-{dataset}.pt"
+
+
+def item_tower_for(settings: Settings, dataset: str) -> Path:
+    """The item tower whose vectors a dataset's user tower reads: the dataset's own, else H&M's.
+
+    The vocabulary is shared by every dataset, so H&M's tower encodes a RentTheRunway dress from its
+    attributes like any new H&M product (cold start across catalogues)."""
+    from atelier.content import checkpoint_path
+
+    for name in (dataset, "hm"):
+        path = checkpoint_path(settings, name)
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no item tower for {dataset!r} or 'hm'; run `atelier train item --dataset hm` first")
+
+
+def fingerprint(data: TrainData, item_vectors: np.ndarray, cfg: TrainUserConfig, model_cfg: UserTowerConfig) -> str:
+    """Short hash of everything a fit depends on: the training log, the item vectors and both configs."""
+    digest = hashlib.sha256()
+    log = data.interactions
+    digest.update(json.dumps([data.dataset, len(log), str(log["ts"].min()), str(log["ts"].max()),
+                              asdict(model_cfg), {**asdict(cfg), "drop": sorted(cfg.drop), "device": ""}],
+                             sort_keys=True, default=str).encode())
+    digest.update(np.ascontiguousarray(log["item_id"].astype(str).to_numpy()).astype("U").tobytes())
+    digest.update(np.ascontiguousarray(item_vectors, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:12]
+
+
+class TwoTowerRecommender(Recommender):
+    """Two-tower retrieval through the harness: fit = train the user tower on the given window.
+
+    ``drop`` removes parts of the user's input in training and at inference (the ablations);
+    ``exclude_history`` (off for H&M, whose shoppers re-buy) removes the shopper's items from the results;
+    ``item_bias=False`` drops the popularity coordinate of the keys (an ablation).
+    """
+
+    name = "two-tower"
+
+    def __init__(
+        self, item_checkpoint: Path, *, cfg: TrainUserConfig | None = None, item_bias: bool = True,
+        window_days: float | None = 3, exclude_history: bool = False, name: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.item_checkpoint = item_checkpoint
+        self.cfg = cfg or TrainUserConfig()
+        self.item_bias = item_bias
+        self.window_days, self.exclude_history = window_days, exclude_history
+        self.progress = progress
+        self.retriever: UserTowerRecommender | None = None
+        self.checkpoint: Path | None = None
+        if name:
+            self.name = name  # type: ignore[misc]
+
+    def item_vectors(self, data: TrainData) -> np.ndarray:
+        """The frozen item-tower vectors of the catalogue (encoded once and cached by the content stage)."""
+        from atelier.content import ItemTowerRecommender, file_id
+
+        encoded = self.item_checkpoint.parent.parent / "vectors" / data.dataset / f"{file_id(self.item_checkpoint)}.npz"
+        return ItemTowerRecommender(self.item_checkpoint, vectors_file=encoded).item_vectors(data)
+
+    def fit(self, data: TrainData) -> Self:
+        """Train (or reload an identical earlier fit of) the user tower on ``data.interactions``."""
+        from atelier.content import file_id
+
+        ids = data.items["item_id"].astype(str).tolist()
+        vectors = self.item_vectors(data)
+        model_cfg = UserTowerConfig(item_dim=vectors.shape[1], item_bias=self.item_bias)
+        key = fingerprint(data, vectors, self.cfg, model_cfg)
+        path = data.cache_dir / "user_towers" / f"{data.dataset}-{key}.pt"
+        opts: dict[str, Any] = {"window_days": self.window_days, "exclude_history": self.exclude_history,
+                                "drop": self.cfg.drop, "name": self.name}
+        if path.is_file():
+            rec = UserTowerRecommender.from_checkpoint(path, ids, vectors, cache_dir=data.cache_dir, **opts).fit(data)
+            rec.history = load_user_checkpoint(path)[1].get("history", {})
+        else:
+            rec = UserTowerRecommender.from_training(data, ids, vectors, self.cfg, model_cfg, self.progress, **opts)
+            save_user_checkpoint(rec.model, path, rec.stats, rec.body_vocab, file_id(self.item_checkpoint),
+                                 extra={"history": rec.history, "dataset": data.dataset, "fingerprint": key,
+                                        "train_window": [str(data.interactions["ts"].min()),
+                                                         str(data.interactions["ts"].max())]})
+        self.retriever, self.checkpoint = rec, path
+        return self
+
+    def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
+        """Top-k items per query from the trained tower."""
+        if self.retriever is None:
+            raise RuntimeError("call fit() first")
+        return self.retriever.recommend(queries, k)
+
+
+def two_tower_suite(settings: Settings, dataset: str, cfg: TrainUserConfig | None = None,
+                    ablations: bool = False) -> list[Recommender]:
+    """The two-tower retriever of a dataset for the harness, plus one per removed input with ``ablations``."""
+    try:
+        item_ckpt = item_tower_for(settings, dataset)
+    except FileNotFoundError:
+        return []
+    cfg = cfg or TrainUserConfig()
+    window = BIAS_WINDOW_DAYS.get(dataset, 7.0)
+    suite: list[Recommender] = [TwoTowerRecommender(item_ckpt, cfg=cfg, window_days=window)]
+    if ablations:
+        for part in ("history", "context", "profile"):
+            suite.append(TwoTowerRecommender(item_ckpt, cfg=replace(cfg, drop=frozenset({part})),
+                                             window_days=window, name=f"two-tower -{part}"))
+        suite.append(TwoTowerRecommender(item_ckpt, cfg=cfg, item_bias=False, window_days=window,
+                                         name="two-tower -popularity"))
+    return suite
+
+
+def train_user_stage(settings: Settings, dataset: str, cfg: TrainUserConfig,
+                     progress: ProgressFn | None = None) -> tuple[Path, dict[str, Any]]:
+    """``atelier train user``: fit the tower on the dataset's evaluation training window and save it as
+    the dataset's user tower (so the harness's numbers describe the checkpoint that is served)."""
+    from atelier.evaluate import time_split
+    from atelier.ingest import load_tables
+
+    items, interactions, users = load_tables(settings.dataset_dir(dataset))
+    split = time_split(dataset, interactions)
+    data = TrainData(dataset, items, split.train.reset_index(drop=True), users, settings.run_dir / "features")
+    rec = TwoTowerRecommender(item_tower_for(settings, dataset), cfg=cfg,
+                              window_days=BIAS_WINDOW_DAYS.get(dataset, 7.0), progress=progress).fit(data)
+    assert rec.checkpoint is not None and rec.retriever is not None
+    out = user_checkpoint_path(settings, dataset)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".pt.tmp")
+    shutil.copyfile(rec.checkpoint, tmp)
+    tmp.replace(out)
+    return out, rec.retriever.history
