@@ -36,11 +36,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from atelier.catalogue import column_items
 from atelier.config import Settings
 from atelier.enrich import EnrichCache, EnrichOptions, RawProduct, enrich_products, get_extractor
+from atelier.enrich.fieldwise import NearestLabelExtractor, product_text
+from atelier.enrich.hybrid import SOURCES_FILE, choose_sources, sources_toml
+from atelier.enrich.loglik import LogLikExtractor
 from atelier.enrich.prompt import PROMPT_VERSION
 from atelier.enrich.rules import keyword_values
 from atelier.ingest import load_tables
@@ -105,12 +109,27 @@ def accuracy(preds: list[str | None], gold: list[dict[str, str]], field: str) ->
     return (sum(p == g for p, g in pairs) / len(pairs) if pairs else float("nan")), len(pairs)
 
 
-def run_dataset(settings: Settings, dataset: str, n: int, seed: int, backend: str,
-                cache_file: Path) -> dict[str, Any]:
-    """Extract, score and compare with the baselines on one catalogue."""
+def split_halves(n: int, seed: int) -> dict[str, list[int]]:
+    """Indices of the sample split once into a tuning half and a test half (fixed seed)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return {"tune": sorted(int(i) for i in perm[: n // 2]), "test": sorted(int(i) for i in perm[n // 2:])}
+
+
+def scored(preds: list[str | None], gold: list[dict[str, str]], field: str,
+           halves: dict[str, list[int]]) -> dict[str, Any]:
+    """Accuracy and counts (correct, n) on all items and on each half."""
+    out: dict[str, Any] = {}
+    for part, idx in {"all": list(range(len(gold))), **halves}.items():
+        pairs = [(preds[i], gold[i][field]) for i in idx if field in gold[i]]
+        correct = sum(p == g for p, g in pairs)
+        out[part] = {"acc": correct / len(pairs) if pairs else float("nan"), "correct": correct, "n": len(pairs)}
+    return out
+
+
+def run_backend(products: list[RawProduct], fields: list[str], backend: str, settings: Settings,
+                cache_file: Path, dataset: str) -> tuple[dict[str, list[str | None]], dict[str, Any]]:
+    """Predictions per field and run statistics of one backend through the enrichment path (cached)."""
     schema = load_schema()
-    products, gold, majority = sample(settings, dataset, n, seed)
-    fields = FIELDS[dataset]
     extractor = get_extractor(backend, settings)
     options = EnrichOptions(full=True, fields=tuple(fields), re_fields=(), show_known=False)
     start = time.perf_counter()
@@ -120,54 +139,142 @@ def run_dataset(settings: Settings, dataset: str, n: int, seed: int, backend: st
         nonlocal done
         done += 1
         if done % 10 == 0 or done == len(products):
-            print(f"  {dataset}: {done}/{len(products)} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+            print(f"  {dataset} {backend}: {done}/{len(products)} ({time.perf_counter() - start:.0f} s)",
+                  file=sys.stderr)
 
     with EnrichCache(cache_file) as cache:
         results = enrich_products(products, extractor, cache, schema, options, on_result=tick)
+    extractor.close()
     wall = time.perf_counter() - start
     fresh = [r for r in results if not r.cached]
     model_seconds = sum(r.seconds for r in fresh)
-    table: dict[str, dict[str, Any]] = {}
-    for f in fields:
-        llm = [(r.extracted.get("clothes", {}).get(f) or [None])[0] for r in results]
-        kw = [keyword_values(f"{p.title} {p.description}", schema, [f]).get(f) for p in products]
-        row: dict[str, Any] = {"source_column": SOURCE_COLUMN[dataset][f]}
-        row["llm"], row["n"] = accuracy(llm, gold, f)
-        row["majority"] = accuracy([majority[f]] * len(products), gold, f)[0]
-        row["majority_value"] = majority[f]
-        row["keyword"] = accuracy(kw, gold, f)[0]
-        row["keyword_or_majority"] = accuracy([k or majority[f] for k in kw], gold, f)[0]
-        row["llm_answered"] = sum(v is not None for v in llm) / len(llm)
-        row["llm_top_answers"] = Counter(v for v in llm if v).most_common(3)
-        table[f] = row
-    statuses = Counter(r.status for r in results)
-    return {
-        "dataset": dataset, "n": len(products), "seed": seed, "backend": extractor.model_id,
-        "fields": table,
+    preds = {f: [(r.extracted.get("clothes", {}).get(f) or [None])[0] for r in results] for f in fields}
+    stats = {
+        "backend": extractor.model_id,
         "json_valid_first_answer": sum(r.status != "error" and r.attempts == 1 for r in results) / len(results),
         "json_valid_after_repair": sum(r.status != "error" for r in results) / len(results),
-        "statuses": dict(statuses),
+        "statuses": dict(Counter(r.status for r in results)),
         "error_records": [r.error_record() for r in results if r.status == "error"],
         "cached": len(results) - len(fresh),
         "model_seconds": round(model_seconds, 2), "wall_seconds": round(wall, 2),
         "items_per_s": round(len(fresh) / model_seconds, 3) if model_seconds else None,
         # Per-item seconds are kept in the cache, so cached results still say how fast they were made.
-        "items_per_s_incl_cached": round(len(results) / sum(r.seconds for r in results), 3),
+        "items_per_s_incl_cached": round(len(results) / max(sum(r.seconds for r in results), 1e-9), 3),
         "seconds_per_item_median": round(sorted(r.seconds for r in results)[len(results) // 2], 3),
     }
+    return preds, stats
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """The per-field table for the README."""
-    lines = ["| dataset | field (gold column) | n | LLM | majority class | keyword rules | keyword → majority |",
-             "|---|---|---|---|---|---|---|"]
+def run_loglik(products: list[RawProduct], fields: list[str],
+               settings: Settings, dataset: str) -> tuple[dict[str, dict[str, list[str | None]]], dict[str, Any]]:
+    """Log-likelihood scores of every allowed value, once per product; four read-outs of the same pass.
+
+    ``loglik`` = mean log-probability per token (the ``embedded-ll`` backend), ``loglik_cal`` = the
+    same minus the content-free score (``embedded-ll-cal``), ``loglik_sum`` / ``loglik_sum_cal`` =
+    unnormalised sums (reported, not offered as backends).
+    """
+    ex = LogLikExtractor.from_settings(settings)
+    prior = ex.score("Product: N/A", fields)
+    counts = {f: ex.token_counts(f) for f in fields}
+    values = {f: ex.values(f) for f in fields}
+    out: dict[str, dict[str, list[str | None]]] = {k: {f: [] for f in fields}
+                                                    for k in ("loglik", "loglik_cal", "loglik_sum", "loglik_sum_cal")}
+    seconds: list[float] = []
+    for i, p in enumerate(products, 1):
+        start = time.perf_counter()
+        mean = ex.score(f"Product: {product_text(p.title, p.description)}", fields)
+        seconds.append(time.perf_counter() - start)
+        for f in fields:
+            variants = {"loglik": mean[f], "loglik_cal": mean[f] - prior[f], "loglik_sum": mean[f] * counts[f],
+                        "loglik_sum_cal": (mean[f] - prior[f]) * counts[f]}
+            for k, s in variants.items():
+                out[k][f].append(values[f][int(np.argmax(s))])
+        if i % 10 == 0 or i == len(products):
+            print(f"  {dataset} loglik: {i}/{len(products)} ({sum(seconds):.0f} s)", file=sys.stderr)
+    ex.close()
+    stats = {"backend": ex.model_id, "threads": ex.n_threads, "model_seconds": round(sum(seconds), 2),
+             "items_per_s": round(len(seconds) / sum(seconds), 3),
+             "seconds_per_item_median": round(sorted(seconds)[len(seconds) // 2], 3),
+             "load_average_after": os.getloadavg()}
+    return out, stats
+
+
+def run_dataset(settings: Settings, dataset: str, n: int, seed: int, split_seed: int, backends: list[str],
+                loglik: bool, cache_file: Path) -> dict[str, Any]:
+    """Extract, score and compare with the baselines on one catalogue."""
+    schema = load_schema()
+    products, gold, majority = sample(settings, dataset, n, seed)
+    fields = FIELDS[dataset]
+    halves = split_halves(len(products), split_seed)
+    preds: dict[str, dict[str, list[str | None]]] = {}
+    runs: dict[str, Any] = {}
+    for backend in backends:
+        preds[backend], runs[backend] = run_backend(products, fields, backend, settings, cache_file, dataset)
+    if loglik:
+        ll_preds, runs["loglik"] = run_loglik(products, fields, settings, dataset)
+        preds.update(ll_preds)
+    start = time.perf_counter()
+    near = NearestLabelExtractor(schema).pick_many([product_text(p.title, p.description) for p in products], fields)
+    runs["minilm"] = {"items_per_s": round(len(products) / (time.perf_counter() - start), 1),
+                      "note": "batch encode incl. label vectors, warm encoder"}
+    preds["minilm"] = {f: [d.get(f) for d in near] for f in fields}
+    kw = {f: [keyword_values(f"{p.title} {p.description}", schema, [f]).get(f) for p in products] for f in fields}
+    preds["keyword"] = kw
+    preds["keyword_or_majority"] = {f: [k or majority[f] for k in kw[f]] for f in fields}
+    preds["keyword_or_minilm"] = {f: [k or m for k, m in zip(kw[f], preds["minilm"][f], strict=True)]
+                                  for f in fields}
+    preds["majority"] = {f: [majority[f]] * len(products) for f in fields}
+    table: dict[str, dict[str, Any]] = {}
+    for f in fields:
+        row: dict[str, Any] = {"source_column": SOURCE_COLUMN[dataset][f], "majority_value": majority[f],
+                               "methods": {m: scored(p[f], gold, f, halves) for m, p in preds.items()}}
+        row["top_answers"] = {m: Counter(v for v in p[f] if v).most_common(3) for m, p in preds.items()}
+        row["tune_gold"] = [gold[i][f] for i in halves["tune"] if f in gold[i]]
+        table[f] = row
+    return {"dataset": dataset, "n": len(products), "seed": seed, "split_seed": split_seed,
+            "halves": {k: [products[i].item_id for i in v] for k, v in halves.items()},
+            "fields": table, "runs": runs}
+
+
+METHOD_NAMES = {
+    "embedded": "generation (grammar)", "loglik": "log-likelihood", "loglik_cal": "log-likelihood, calibrated",
+    "minilm": "MiniLM nearest label", "keyword": "keyword rules", "keyword_or_majority": "keyword → majority",
+    "keyword_or_minilm": "keyword → MiniLM",
+    "majority": "majority class",
+}
+
+
+def markdown(report: dict[str, Any], part: str = "test") -> str:
+    """The per-field table for the README (accuracy on one half; best per row in bold)."""
+    methods = [m for m in METHOD_NAMES if any(m in row["methods"] for ds in report["datasets"]
+                                               for row in ds["fields"].values())]
+    lines = ["| dataset | field (gold column) | n | " + " | ".join(METHOD_NAMES[m] for m in methods) + " | default |",
+             "|---" * (len(methods) + 4) + "|"]
+    chosen = report.get("selection", {})
     for ds in report["datasets"]:
         for f, row in ds["fields"].items():
-            cells = [row["llm"], row["majority"], row["keyword"], row["keyword_or_majority"]]
-            best = max(cells)
+            cells = [row["methods"][m][part]["acc"] if m in row["methods"] else float("nan") for m in methods]
+            best = max(c for c in cells if c == c)
             shown = [f"**{c:.2f}**" if c == best else f"{c:.2f}" for c in cells]
-            lines.append(f"| {ds['dataset']} | {f} ({row['source_column']}) | {row['n']} | " + " | ".join(shown) + " |")
+            n = next(iter(row["methods"].values()))[part]["n"]
+            pick = METHOD_NAMES.get(chosen.get(f, {}).get("method", ""), "")
+            lines.append(f"| {ds['dataset']} | {f} ({row['source_column']}) | {n} | " + " | ".join(shown)
+                         + f" | {pick} |")
     return "\n".join(lines)
+
+
+def select(datasets: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per field, the method chosen on the tuning halves (pooled over catalogues)."""
+    tune: dict[str, dict[str, tuple[int, int]]] = {}
+    gold_values: dict[str, Counter[str]] = {}
+    for ds in datasets:
+        for f, row in ds["fields"].items():
+            for m, res in row["methods"].items():
+                c, n = tune.setdefault(f, {}).get(m, (0, 0))
+                tune[f][m] = (c + res["tune"]["correct"], n + res["tune"]["n"])
+            gold_values.setdefault(f, Counter()).update(row["tune_gold"])
+    fallbacks = {f: c.most_common(1)[0][0] for f, c in gold_values.items() if c}
+    return choose_sources(tune, fallbacks)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,27 +282,42 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=100, help="products per dataset (fixed random sample)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backend", default="embedded")
+    ap.add_argument("--split-seed", type=int, default=1, help="seed of the tuning/test split of the sample")
+    ap.add_argument("--backends", nargs="*", default=["embedded"],
+                    help="generating backends run through the enrichment path (cached)")
+    ap.add_argument("--no-loglik", action="store_true", help="skip the log-likelihood scorer")
     ap.add_argument("--datasets", nargs="+", default=["hm", "myntra"], choices=sorted(FIELDS))
+    ap.add_argument("--write-sources", action="store_true",
+                    help=f"write the per-field choice (tuning half) to {SOURCES_FILE.name}")
     ap.add_argument("--tag", default="", help="suffix for the result file name")
     args = ap.parse_args(argv)
     settings = Settings()
+    commit = git_commit()  # at the start: the code that ran, not what was committed meanwhile
     cache_file = settings.run_dir / "enrich" / "bench-cache.jsonl"
-    datasets = [run_dataset(settings, ds, args.n, args.seed, args.backend, cache_file) for ds in args.datasets]
-    report = {
+    datasets = [run_dataset(settings, ds, args.n, args.seed, args.split_seed, args.backends, not args.no_loglik,
+                            cache_file) for ds in args.datasets]
+    report: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "git_commit": git_commit(), "machine": machine(),
+        "git_commit": commit, "machine": machine(), "load_average": os.getloadavg(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "prompt_version": PROMPT_VERSION,
         "datasets": datasets,
     }
-    out = ROOT / "benchmarks" / "results" / f"extraction-{dt.date.today()}{'-' + args.tag if args.tag else ''}.json"
+    report["selection"] = select(datasets)
+    name = f"extraction-{dt.date.today()}{'-' + args.tag if args.tag else ''}.json"
+    out = ROOT / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(markdown(report))
+    if args.write_sources:
+        SOURCES_FILE.write_text(sources_toml(report["selection"], f"Chosen on the tuning half of {name}."))
+        print(f"written: {SOURCES_FILE}")
+    print("test half:")
+    print(markdown(report, "test"))
+    print("tuning half:")
+    print(markdown(report, "tune"))
     for ds in datasets:
-        print(f"{ds['dataset']}: {ds['items_per_s']} items/s, JSON valid first answer "
-              f"{ds['json_valid_first_answer']:.2f}, after repair {ds['json_valid_after_repair']:.2f}, "
-              f"statuses {ds['statuses']}")
+        for run, st in ds["runs"].items():
+            print(f"{ds['dataset']} {run}: {st.get('items_per_s')} items/s", {k: st[k] for k in
+                  ("json_valid_first_answer", "json_valid_after_repair", "statuses") if k in st})
     print(f"written: {out}")
 
 

@@ -229,7 +229,7 @@ def build_request(product: RawProduct, schema: Schema, fields: list[str], re_fie
         schema=output_schema(schema, fields, re_fields),
         max_tokens=max_tokens,
         context={"title": product.title, "description": product.description, "fields": fields,
-                 "re_fields": re_fields},
+                 "re_fields": re_fields, "known": product.known if show_known else {}},
     )
 
 

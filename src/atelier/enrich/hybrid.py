@@ -1,0 +1,218 @@
+"""Per-field defaults (``hybrid``): each STD field is filled by the extractor that won it on held-out data.
+
+``field_sources.toml`` (data, next to this module) says, per field, which backend fills it
+(``embedded-ll``, ``minilm``, ``keyword``, ``embedded``... or none) and an optional ``fallback`` value
+for when that backend gives no answer (keyword rules that match nothing). It is written from the
+extraction benchmark's tuning half by ``choose_sources`` (``benchmarks/bench_extraction.py
+--write-sources``); the README reports the test half. Fields the benchmark does not measure use
+``default``; RE phrases come from the ``re`` backend (the generating LLM) when they are asked.
+
+The embedded LLM fills a field only where one of its variants strictly beat every non-LLM
+baseline on the tuning half; ties go to the cheaper method.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from atelier.enrich.base import ExtractionRequest, Extractor, get_extractor, register
+from atelier.enrich.fieldwise import FieldwiseExtractor
+from atelier.enrich.prompt import UNKNOWN_LABEL, RawProduct, build_request, label_maps
+from atelier.schema import Schema, load_schema
+
+if TYPE_CHECKING:
+    from atelier.config import Settings
+
+__all__ = ["BASELINES", "LLM_METHODS", "METHOD_SOURCES", "FieldSource", "FieldSources", "HybridExtractor",
+           "choose_sources", "load_sources"]
+
+SOURCES_FILE = Path(__file__).with_name("field_sources.toml")
+
+# Benchmark method -> backend that implements it (None: no backend, the fallback value only).
+METHOD_SOURCES: dict[str, str | None] = {
+    "majority": None, "keyword": "keyword", "keyword_or_majority": "keyword", "minilm": "minilm",
+    "keyword_or_minilm": "keyword-minilm",
+    "embedded": "embedded", "loglik": "embedded-ll", "loglik_cal": "embedded-ll-cal",
+}
+# Cheapest first: on a tie the earlier one wins.
+BASELINES = ("majority", "keyword", "keyword_or_majority", "minilm", "keyword_or_minilm")
+LLM_METHODS = ("loglik", "loglik_cal", "embedded")
+
+
+@dataclass(frozen=True)
+class FieldSource:
+    """Who fills one field: a backend name (or None) and a value for when it has no answer."""
+
+    method: str
+    backend: str | None
+    fallback: str | None = None
+
+
+@dataclass(frozen=True)
+class FieldSources:
+    """The whole config: per-field sources, the default for other fields, the RE backend."""
+
+    fields: dict[str, FieldSource]
+    default: str | None = "keyword"
+    re: str | None = "embedded"
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def source(self, name: str) -> FieldSource:
+        """The source of field ``name`` (the default for fields not in the file)."""
+        return self.fields.get(name) or FieldSource("default", self.default)
+
+    def digest(self) -> str:
+        """Short hash of the config (part of the hybrid backend's model id, hence of the cache key)."""
+        data = {n: (s.backend, s.fallback) for n, s in sorted(self.fields.items())}
+        return hashlib.sha256(json.dumps([data, self.default, self.re]).encode()).hexdigest()[:8]
+
+
+def load_sources(path: Path | None = None) -> FieldSources:
+    """Read ``field_sources.toml`` (or ``path``)."""
+    raw = tomllib.loads((path or SOURCES_FILE).read_text())
+    fields = {}
+    for name, spec in raw.get("fields", {}).items():
+        method = str(spec["method"])
+        if method not in METHOD_SOURCES:
+            raise ValueError(f"field_sources: {name}: unknown method {method!r}; known: {', '.join(METHOD_SOURCES)}")
+        fields[name] = FieldSource(method, METHOD_SOURCES[method], spec.get("fallback"))
+    default, re_backend = str(raw.get("default", "keyword")), str(raw.get("re", "embedded"))
+    return FieldSources(fields, default=None if default in ("", "none") else default,
+                        re=None if re_backend in ("", "none") else re_backend, note=str(raw.get("note", "")))
+
+
+def choose_sources(tune: Mapping[str, Mapping[str, tuple[int, int]]],
+                   fallbacks: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per field, the method to use, from (correct, n) counts on the tuning half.
+
+    ``tune[field][method] = (correct, n)``, pooled over catalogues. The best baseline is the most
+    accurate of ``BASELINES`` (ties: the cheaper); an LLM method replaces it only when strictly more
+    accurate. ``fallbacks[field]`` is stored for the methods that need one (majority, keyword ->
+    majority). Returns ``{field: {"method", "acc", "baseline", "baseline_acc", "fallback"?}}``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, methods in tune.items():
+        acc = {m: c / n for m, (c, n) in methods.items() if n}
+        base = [m for m in BASELINES if m in acc]
+        if not base:
+            raise ValueError(f"{name}: no baseline measured")
+        best_base = max(base, key=lambda m: (acc[m], -base.index(m)))
+        llm = [m for m in LLM_METHODS if m in acc]
+        best_llm = max(llm, key=lambda m: (acc[m], -llm.index(m))) if llm else None
+        method = best_llm if best_llm is not None and acc[best_llm] > acc[best_base] else best_base
+        row: dict[str, Any] = {"method": method, "acc": acc[method], "baseline": best_base,
+                               "baseline_acc": acc[best_base]}
+        if best_llm is not None:
+            row.update(best_llm=best_llm, best_llm_acc=acc[best_llm])
+        if method in ("majority", "keyword_or_majority"):
+            if not fallbacks or name not in fallbacks:
+                raise ValueError(f"{name}: {method} needs a fallback value")
+            row["fallback"] = fallbacks[name]
+        out[name] = row
+    return out
+
+
+def sources_toml(chosen: Mapping[str, Mapping[str, Any]], note: str, default: str = "keyword",
+                 re: str = "embedded") -> str:
+    """``field_sources.toml`` text for a ``choose_sources`` result."""
+    lines = [f"# Written by benchmarks/bench_extraction.py --write-sources. {note}".rstrip(),
+             f'note = "{note}"', f'default = "{default}"  # fields the benchmark does not measure',
+             f're = "{re}"  # backend for RE phrases when they are asked ("none": no RE)', ""]
+    for name, row in chosen.items():
+        lines.append(f"[fields.{name}]")
+        lines.append(f'method = "{row["method"]}"  # tuning acc {row["acc"]:.3f}; best baseline '
+                     f'{row["baseline"]} {row["baseline_acc"]:.3f}'
+                     + (f'; best LLM {row["best_llm"]} {row["best_llm_acc"]:.3f}' if "best_llm" in row else ""))
+        if row.get("fallback"):
+            lines.append(f'fallback = "{row["fallback"]}"')
+        lines.append("")
+    return "\n".join(lines)
+
+
+@register("hybrid")
+class HybridExtractor(Extractor):
+    """Asks each field's source backend for its fields only and merges the answers."""
+
+    constrained = True
+
+    def __init__(self, sources: FieldSources | None = None, settings: Settings | None = None,
+                 backends: Mapping[str, Extractor] | None = None, schema: Schema | None = None) -> None:
+        self.sources = sources or load_sources()
+        self.settings = settings
+        self.schema = schema or load_schema()
+        self._backends: dict[str, Extractor] = dict(backends or {})
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HybridExtractor:
+        """Sources from the packaged ``field_sources.toml``; sub-backends built from ``settings``."""
+        return cls(settings=settings)
+
+    def backend(self, name: str) -> Extractor:
+        """The sub-backend ``name`` (built once)."""
+        with self._lock:
+            if name not in self._backends:
+                self._backends[name] = get_extractor(name, self.settings)
+            return self._backends[name]
+
+    @property
+    def model_id(self) -> str:
+        """``hybrid@<config digest>`` (the config names the backends and their versions are pinned)."""
+        return f"hybrid@{self.sources.digest()}"
+
+    def _ask(self, name: str, request: ExtractionRequest, fields: list[str], re_fields: list[str]) -> dict[str, Any]:
+        """One sub-backend's answer for ``fields`` (and RE fields) as a dict ({} when it is not JSON)."""
+        ex = self.backend(name)
+        ctx = request.context
+        if isinstance(ex, FieldwiseExtractor):
+            sub = replace(request, context={**ctx, "fields": fields, "re_fields": re_fields})
+        else:  # a generating backend needs a prompt and schema for just these fields
+            product = RawProduct(item_id=request.item_id, title=str(ctx.get("title", "")),
+                                 description=str(ctx.get("description", "")), known=dict(ctx.get("known", {})))
+            sub = build_request(product, self.schema, fields, re_fields, show_known=bool(product.known))
+            sub = replace(sub, context={**sub.context, **{k: v for k, v in ctx.items() if k == "attempt"}})
+        try:
+            answer = json.loads(ex.complete(sub))
+        except json.JSONDecodeError:
+            return {}
+        return answer if isinstance(answer, dict) else {}
+
+    def complete(self, request: ExtractionRequest) -> str:
+        """Each field from its source, the fallback where the source said nothing, RE from ``re``."""
+        ctx = request.context
+        fields = [f for f in ctx.get("fields", []) if f in self.schema.std]
+        re_fields = list(ctx.get("re_fields", [])) if self.sources.re else []
+        groups: dict[str, list[str]] = {}
+        for name in fields:
+            backend = self.sources.source(name).backend
+            if backend is not None:
+                groups.setdefault(backend, []).append(name)
+        answer: dict[str, Any] = {}
+        for backend, names in groups.items():
+            got = self._ask(backend, request, names, re_fields if backend == self.sources.re else [])
+            answer.update({n: got.get(n, UNKNOWN_LABEL) for n in names})
+            if "re" in got and backend == self.sources.re:
+                answer["re"] = got["re"]
+        if re_fields and "re" not in answer and self.sources.re:
+            answer["re"] = self._ask(self.sources.re, request, [], re_fields).get("re", {})
+        for name in fields:
+            src = self.sources.source(name)
+            if answer.get(name, UNKNOWN_LABEL) == UNKNOWN_LABEL:
+                to_label = {v: k for k, v in label_maps(self.schema)[name].items()}
+                answer[name] = to_label.get(src.fallback, UNKNOWN_LABEL) if src.fallback else UNKNOWN_LABEL
+        if ctx.get("re_fields") and "re" not in answer:
+            answer["re"] = {n: [] for n in ctx["re_fields"]}
+        return json.dumps(answer)
+
+    def close(self) -> None:
+        """Close every sub-backend."""
+        for ex in self._backends.values():
+            ex.close()
