@@ -117,7 +117,7 @@ def test_health_ready_and_openapi(client: TestClient) -> None:
     assert body["ready"] and not body["degraded"] and body["store"] == "ok"
     assert body["model_id"].startswith("item_tower:hm:")
     assert body["stages"]["content"] == "ready" and body["stages"]["popularity"] == "ready"
-    assert body["stages"]["two_tower"] == "not built yet"
+    assert body["stages"]["two_tower"] == "no model for this dataset"  # no `atelier train user` in this run
     assert body["ingest"] == "ready"
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/recommend", "/items", "/items/{item_id}", "/items/{item_id}/similar", "/ready"} <= set(paths)

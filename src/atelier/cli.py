@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -29,6 +29,7 @@ from rich.table import Table
 
 from atelier.config import Settings, SettingsError, get_settings
 from atelier.ingest import DATASETS, IngestError, IngestResult, ingest
+from atelier.recommender import Query
 
 app = typer.Typer(
     help=__doc__,
@@ -260,6 +261,118 @@ def train_item_cmd(
     console.print(f"view alignment@2048: {history['view_alignment@2048']:.3f}\ncheckpoint: {path}")
 
 
+def run_train_user(settings: Settings, dataset: str, cfg: object,
+                   reindex: bool = True) -> tuple[Path, dict[str, object], dict[str, object]]:
+    """Train the user tower (one bar for its steps; an identical earlier fit is reused), then load its
+    retrieval keys into the store (unless ``reindex`` is off and this checkpoint is indexed already)."""
+    from atelier.two_tower import index_user_stage, train_user_stage
+
+    with stage_progress(f"train user ({dataset})") as progress:
+        task = progress.add_task("sampled softmax", total=None)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, total=total, description=f"sampled softmax loss {loss:.3f}")
+
+        path, history = train_user_stage(settings, dataset, cfg, progress=on_step)  # type: ignore[arg-type]
+    with stage_progress(f"index two-tower ({dataset})") as progress:
+        index_task = progress.add_task("", total=None)
+
+        def on_index(stage: str, done: int, total: int) -> None:
+            progress.update(index_task, description=stage, completed=done, total=total or None)
+
+        report = index_user_stage(settings, dataset, progress=on_index, force=reindex)
+    return path, history, report
+
+
+@train_app.command("user")
+def train_user_cmd(
+    dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
+    epochs: Annotated[int, typer.Option(help="Passes over the training examples (early stopping may end sooner)")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Examples per step (in-batch negatives)")] = 512,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate")] = 1e-3,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    drop: Annotated[list[str] | None, typer.Option(help="Ablation: hide an input (history, context, profile)")] = None,
+    data_dir: DataDirOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Train the user tower against the frozen item vectors (evaluation training window) and index it."""
+    from atelier.train_user import TrainUserConfig
+
+    settings = _settings(data_dir, run_dir)
+    cfg = TrainUserConfig(epochs=epochs, batch_size=batch_size, lr=lr, device=device, drop=frozenset(drop or ()))
+    path, history, report = _run(lambda: run_train_user(settings, dataset, cfg))
+    for e in history.get("epochs", []):  # type: ignore[attr-defined]
+        console.print(f"epoch {e['epoch']}: loss {e['loss']:.4f}, validation recall@100 {e['val_recall@100']:.4f}, "
+                      f"{e['seconds']:.1f} s")
+    console.print(f"best epoch {history.get('best_epoch')} (0 = the untrained tower); checkpoint: {path}")
+    console.print(f"store: {report['model_id']}, {report['rows']:,} keys, "
+                  f"HNSW recall@100 {report['recall_at_100']:.3f}")
+
+
+def _query_for(settings: Settings, dataset: str, user: str | None, history: list[str],
+               profile: Mapping[str, float | str | None], context: str | None) -> Query:
+    """A harness query from a known user's log and profile, overridden by what the command line gives."""
+    from atelier.ingest import load_tables
+
+    past: list[str] = []
+    known: dict[str, float | str | None] = {}
+    if user is not None:
+        _, interactions, users = load_tables(settings.dataset_dir(dataset))
+        mine = interactions[interactions["user_id"].astype(str) == user].sort_values("ts", kind="stable")
+        row = users[users["user_id"].astype(str) == user]
+        if mine.empty and row.empty:
+            raise ValueError(f"unknown user {user!r} in {dataset}")
+        past = list(dict.fromkeys(mine["item_id"].astype(str)))
+        if not row.empty:
+            known = {k: v for k, v in row.iloc[0].to_dict().items()
+                     if k in ("height_cm", "weight_kg", "age", "body_type") and v == v and v is not None}
+    merged = {**known, **{k: v for k, v in profile.items() if v is not None}}
+    return Query(user_id=user or "anonymous", history=tuple([*past, *history]), profile=merged, context=context)
+
+
+@app.command("recommend")
+def recommend_cmd(
+    dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
+    user: Annotated[str | None, typer.Option(help="A known user id: their history and profile")] = None,
+    item: Annotated[list[str] | None, typer.Option("--item", help="Recent item ids (anonymous shopper)")] = None,
+    height: Annotated[float | None, typer.Option(help="Height in cm")] = None,
+    weight: Annotated[float | None, typer.Option(help="Weight in kg")] = None,
+    age: Annotated[float | None, typer.Option(help="Age in years")] = None,
+    body_type: Annotated[str | None, typer.Option(help="Body type, e.g. hourglass, athletic")] = None,
+    context: Annotated[str | None, typer.Option(help="Occasion or intent, e.g. 'wedding'")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, max=100)] = 12,
+    exclude_history: Annotated[bool, typer.Option(help="Leave out items the shopper already has")] = False,
+    data_dir: DataDirOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Two-tower retrieval for a known user or an anonymous shopper (profile, context, items), from pgvector."""
+    from atelier.store import describe_hits, open_store
+    from atelier.two_tower import retrieve, serving_retriever, two_tower_model_id
+
+    settings = _settings(data_dir, run_dir)
+    profile = {"height_cm": height, "weight_kg": weight, "age": age, "body_type": body_type}
+    query = _run(lambda: _query_for(settings, dataset, user, list(item or []), profile, context))
+
+    def answer() -> list[dict[str, object]]:
+        model_id = two_tower_model_id(settings, dataset)
+        retriever = serving_retriever(settings, dataset)
+        with open_store(settings, pool_size=1) as store:
+            hits = retrieve(store, model_id, retriever, query, k, exclude_history=exclude_history)
+            return describe_hits(store, hits)
+
+    rows = _run(answer)
+    parts = [f"{len(query.history)} items" if query.history else "",
+             ", ".join(f"{key} {v}" for key, v in query.profile.items()), f"context '{context}'" if context else ""]
+    known = "; ".join(p for p in parts if p) or "nothing known"
+    table = Table(title=f"two-tower top {k} for {query.user_id} ({known})")
+    for col in ("item_id", "score", "title", "category", "color", "gender"):
+        table.add_column(col)
+    for h in rows:
+        table.add_row(str(h["item_id"]), f"{h['score']:.3f}", str(h["title"]), str(h["category"]), str(h["color"]),
+                      str(h["gender"]))
+    console.print(table)
+
+
 @app.command("encode")
 def encode_cmd(
     dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
@@ -353,12 +466,12 @@ METRIC_COLUMNS = ("map@12", "recall@12", "ndcg@12", "hitrate@12", "recall@100")
 
 def run_evaluate(
     settings: Settings, dataset: str, models: list[str] | None = None, cut: str | None = None,
-    test_file: Path | None = None, max_users: int | None = None,
+    test_file: Path | None = None, max_users: int | None = None, ablations: bool = False,
 ) -> tuple[dict[str, object], Path]:
     """Fit and score the baselines (and any trained models) on one dataset; write the report."""
     from atelier.evaluate import evaluate, model_suite, write_report
 
-    suite = model_suite(settings, dataset, models)
+    suite = model_suite(settings, dataset, models, ablations=ablations)
     with stage_progress(f"evaluate {dataset}") as progress:
         task = progress.add_task("", total=len(suite))
 
@@ -396,12 +509,13 @@ def evaluate_cmd(
     cut: Annotated[str | None, typer.Option(help="First test day, YYYY-MM-DD (default per dataset)")] = None,
     test_file: Annotated[Path | None, typer.Option(help="Interactions to test on, in the dataset's format")] = None,
     max_users: Annotated[int | None, typer.Option(help="Score a seeded sample of test users")] = None,
+    ablations: Annotated[bool, typer.Option(help="Also the two-tower retriever without each input")] = False,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
 ) -> None:
     """Score baselines and models on a time split: JSON report + PNG plots + a table."""
     settings = _settings(data_dir, run_dir)
-    report, path = _run(lambda: run_evaluate(settings, dataset, model, cut, test_file, max_users))
+    report, path = _run(lambda: run_evaluate(settings, dataset, model, cut, test_file, max_users, ablations))
     print_report(report)
     console.print(f"report: {path} (plots beside it)")
 
@@ -529,6 +643,15 @@ def run_cmd(
             vectors = _run(lambda: encode_stage(settings, "hm"))
             _run(lambda: neighbour_report(settings, "hm", vectors))
         print_index(_run(lambda: run_index(settings, "hm")))
+    from atelier.train_user import TrainUserConfig
+
+    for name in ("hm", "rtr"):
+        if name in names:
+            _, user_history, user_index = _run(
+                lambda name=name: run_train_user(settings, name, TrainUserConfig(), reindex=force))  # type: ignore[misc]
+            console.print(f"user tower {name}: best epoch {user_history.get('best_epoch')}, validation recall@100 "
+                          f"{user_history.get('best_val_recall@100', float('nan')):.4f}; "
+                          f"store {user_index['model_id']}")
     for name in ("hm", "rtr"):
         if name in names:
             report, path = _run(lambda name=name: run_evaluate(settings, name, max_users=max_users))  # type: ignore[misc]

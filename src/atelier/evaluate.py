@@ -262,16 +262,22 @@ def plot_report(report: dict[str, object], out_dir: Path) -> list[Path]:
     return paths
 
 
-def model_suite(settings: Any, dataset: str, names: Sequence[str] | None = None) -> list[Recommender]:
-    """Baselines plus every trained stage of a dataset found in the run folder, in report order."""
+def model_suite(settings: Any, dataset: str, names: Sequence[str] | None = None,
+                ablations: bool = False) -> list[Recommender]:
+    """Baselines plus every trained stage of a dataset found in the run folder, in report order
+    (with ``ablations``, the two-tower retriever once more per removed input)."""
     suite = baseline_suite(dataset)
     from atelier.content import ItemTowerRecommender, checkpoint_path, file_id
+    from atelier.two_tower import two_tower_suite, user_checkpoint_path
 
     window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
     checkpoint = checkpoint_path(settings, dataset)
     if checkpoint.is_file():
         encoded = settings.run_dir / "vectors" / dataset / f"{file_id(checkpoint)}.npz"
         suite.append(ItemTowerRecommender(checkpoint, window_days=window, vectors_file=encoded))
+    if user_checkpoint_path(settings, dataset).is_file():
+        # The harness refits on its own training window; `atelier train user` left the fit in the cache.
+        suite += two_tower_suite(settings, dataset, ablations=ablations)
     return _select(suite, names)
 
 

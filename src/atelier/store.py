@@ -48,7 +48,7 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -580,11 +580,14 @@ class VectorStore:
             model = _get_model(conn, model_id)
             return _get_vector(conn, model, item_id)
 
-    def upsert_item(self, item: ItemJSON, model_id: str, vector: Any) -> None:
-        """Add or update one item and its vector; searchable as soon as this returns."""
+    def upsert_item(self, item: ItemJSON, model_id: str, vector: Any, also: Mapping[str, Any] | None = None) -> None:
+        """Add or update one item and its vector (and its vectors of the models in ``also``, model id ->
+        vector) in one transaction; searchable as soon as this returns."""
         with self.connection() as conn, conn.transaction():
-            model = _get_model(conn, model_id)
-            vec = _as_query(vector, model.dim, f"vector of item {item.item_id!r}")
+            vectors = []
+            for mid, vector_of in {model_id: vector, **(also or {})}.items():
+                model = _get_model(conn, mid)
+                vectors.append((model, _as_query(vector_of, model.dim, f"{mid} vector of item {item.item_id!r}")))
             # items before vectors: the same lock order as a bulk load, so the two cannot deadlock
             conn.execute(
                 "INSERT INTO items (item_id, item, title, category, gender, price, in_stock, group_id)"
@@ -594,13 +597,14 @@ class VectorStore:
                 " in_stock = EXCLUDED.in_stock, group_id = EXCLUDED.group_id, updated_at = now()",
                 item_row(item),
             )
-            conn.execute(
-                sql.SQL(
-                    "INSERT INTO {} (item_id, embedding) VALUES (%s, %s)"
-                    " ON CONFLICT (item_id) DO UPDATE SET embedding = EXCLUDED.embedding"
-                ).format(sql.Identifier(model.table_name)),
-                (item.item_id, vec),
-            )
+            for model, vec in vectors:
+                conn.execute(
+                    sql.SQL(
+                        "INSERT INTO {} (item_id, embedding) VALUES (%s, %s)"
+                        " ON CONFLICT (item_id) DO UPDATE SET embedding = EXCLUDED.embedding"
+                    ).format(sql.Identifier(model.table_name)),
+                    (item.item_id, vec),
+                )
 
     # -- bulk load --
 
@@ -1122,11 +1126,16 @@ def similar(
     with open_store(settings, pool_size=1) as store:
         vector = store.get_vector(model_id, item_id)
         hits = store.search(model_id, vector, k, exclude_ids=[item_id], dedupe_groups=dedupe_groups)
-        with store.connection() as conn:
-            rows = conn.execute(
-                "SELECT item_id, item, title, category, gender, price, group_id FROM items WHERE item_id = ANY(%s)",
-                ([hit for hit, _ in hits],),
-            ).fetchall()
+        return describe_hits(store, hits)
+
+
+def describe_hits(store: VectorStore, hits: Sequence[tuple[str, float]]) -> list[dict[str, Any]]:
+    """Search hits with their title, category, colour, gender, price and group from the items table."""
+    with store.connection() as conn:
+        rows = conn.execute(
+            "SELECT item_id, item, title, category, gender, price, group_id FROM items WHERE item_id = ANY(%s)",
+            ([hit for hit, _ in hits],),
+        ).fetchall()
     by_id = {row[0]: row for row in rows}
     out = []
     for hit_id, score in hits:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Self
@@ -24,6 +24,7 @@ from atelier.config import Settings
 from atelier.evaluate import POPULARITY_WINDOW_DAYS
 from atelier.models.user_tower import UserTowerConfig, load_user_checkpoint, save_user_checkpoint
 from atelier.recommender import Query, Recommender, TrainData
+from atelier.store import SearchFilters, VectorStore
 from atelier.train_user import ProgressFn, TrainUserConfig, UserTowerRecommender
 
 # An item's popularity b counts the same days of the log as the popularity baseline.
@@ -161,3 +162,68 @@ def train_user_stage(settings: Settings, dataset: str, cfg: TrainUserConfig,
     shutil.copyfile(rec.checkpoint, tmp)
     tmp.replace(out)
     return out, rec.retriever.history
+
+
+# ---------------------------------------------------------------- serving: keys in the store, one query per shopper
+
+
+def two_tower_pointer(settings: Settings, dataset: str) -> Path:
+    """Where ``index_user_stage`` records the store's two-tower model id of a dataset."""
+    return settings.run_dir / "index" / f"{dataset}-two_tower.json"
+
+
+def serving_retriever(settings: Settings, dataset: str) -> UserTowerRecommender:
+    """The saved user tower of a dataset with retrieval keys from the whole log (today's popularity)."""
+    from atelier.ingest import load_tables
+
+    path = user_checkpoint_path(settings, dataset)
+    items, interactions, users = load_tables(settings.dataset_dir(dataset))
+    data = TrainData(dataset, items, interactions, users, settings.run_dir / "features")
+    ids = data.items["item_id"].astype(str).tolist()
+    vectors = TwoTowerRecommender(item_tower_for(settings, dataset)).item_vectors(data)
+    return UserTowerRecommender.from_checkpoint(path, ids, vectors, window_days=BIAS_WINDOW_DAYS.get(dataset, 7.0),
+                                                cache_dir=data.cache_dir).fit(data)
+
+
+def index_user_stage(settings: Settings, dataset: str, progress: Callable[[str, int, int], None] | None = None,
+                     force: bool = True) -> dict[str, Any]:
+    """Load the retrieval keys ``[v, b]`` of a dataset's user tower into pgvector (HNSW, inner product) and
+    record the model id, so a shopper's top 100 is one store query. Without ``force``, a checkpoint that
+    is already indexed is left as it is (the popularity column is then as of that indexing)."""
+    from atelier.catalogue import column_items
+    from atelier.content import file_id
+    from atelier.ingest import load_tables
+    from atelier.store import index_vectors
+
+    model_id = f"two_tower:{dataset}:{file_id(user_checkpoint_path(settings, dataset))}"
+    pointer = two_tower_pointer(settings, dataset)
+    if not force and pointer.is_file():
+        previous: dict[str, Any] = json.loads(pointer.read_text())
+        if previous.get("model_id") == model_id and previous.get("ok"):
+            return {**previous, "reused": True}
+    retriever = serving_retriever(settings, dataset)
+    assert retriever.keys is not None
+    ids = [str(i) for i in retriever.item_ids]
+    items = column_items(load_tables(settings.dataset_dir(dataset))[0], dataset)
+    report = index_vectors(settings, model_id, ids, retriever.keys, items, progress=progress)
+    report["model_id"] = model_id
+    tmp = pointer.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(pointer)
+    return report
+
+
+def two_tower_model_id(settings: Settings, dataset: str) -> str:
+    """The store's model id of a dataset's indexed two-tower keys."""
+    pointer = two_tower_pointer(settings, dataset)
+    if not pointer.is_file():
+        raise FileNotFoundError(f"no two-tower index for {dataset}; run `atelier train user -d {dataset}` first")
+    return str(json.loads(pointer.read_text())["model_id"])
+
+
+def retrieve(store: VectorStore, model_id: str, retriever: UserTowerRecommender, query: Query, k: int = 100,
+             *, exclude_history: bool = False, filters: SearchFilters | None = None) -> list[tuple[str, float]]:
+    """Top-k ``(item_id, score)`` for one shopper: the user tower's query vector, one HNSW search."""
+    vector = retriever.user_vectors([query])[0][0]
+    exclude = list(query.history) if exclude_history else []
+    return store.search(model_id, vector, k, exclude_ids=exclude, filters=filters)

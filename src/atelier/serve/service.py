@@ -51,6 +51,7 @@ from atelier.serve.stages import (
     Stage,
     StageContext,
     StageRequest,
+    TwoTowerStage,
     build_chain,
     run_chain,
 )
@@ -432,7 +433,9 @@ class RecommendService:
             raise ServiceError(503, f"encoding {product.item_id!r} failed: {exc}; nothing was stored") from None
         timings["encode_ms"] = 1000 * (time.perf_counter() - t)
         t = time.perf_counter()
-        store.upsert_item(item, self.model_id, vector)  # item row + vector in one transaction
+        # item row + vectors in one transaction; in the two-tower keys [v, b] a new item has b = log(1 + 0)
+        also = {stage.model_id: np.append(vector, 0.0) for stage in self.stages if isinstance(stage, TwoTowerStage)}
+        store.upsert_item(item, self.model_id, vector, also=also)
         timings["upsert_ms"] = 1000 * (time.perf_counter() - t)
         return IngestResponse(item=item.model_dump(mode="json"), model_id=self.model_id, enricher=enricher_name,
                               issues=issues, timings_ms={k: round(v, 2) for k, v in timings.items()})

@@ -23,6 +23,7 @@ from atelier.schema import ItemJSON
 from atelier.serve.catalogue import vectors_of
 from atelier.serve.products import ItemEncoder
 from atelier.store import SearchFilters, StoreError, VectorStore
+from atelier.train_user import UserTowerRecommender
 
 PREFERENCE = ("rerank", "two_tower", "content", "popularity")
 
@@ -316,6 +317,56 @@ class StageContext:
     profile_keys: Callable[[dict[str, object]], list[tuple[str, ...]]]
 
 
+class TwoTowerStage:
+    """The user tower's query (recent items and cart, body profile, context text) against the two-tower
+    keys ``[v, b]`` in pgvector: one HNSW search. Items posted after training are in the index (with
+    ``b = 0``, no interactions yet) but the tower reads only the items it was trained with as history."""
+
+    name = "two_tower"
+
+    def __init__(self, store: Callable[[], VectorStore | None], model_id: str, retriever: UserTowerRecommender) -> None:
+        self.store = store
+        self.model_id = model_id
+        self.retriever = retriever
+
+    def available(self) -> str | None:
+        """Needs a reachable store."""
+        return None if self.store() is not None else "store unreachable"
+
+    def recommend(self, request: StageRequest) -> list[Scored]:
+        """One HNSW search with the tower's query vector; skips a shopper the tower knows nothing about."""
+        from atelier.recommender import Query
+
+        query = Query(user_id="request", history=tuple(dict.fromkeys([*request.history, *request.cart])),
+                      profile=dict(request.profile), context=request.context)
+        vectors, usable = self.retriever.user_vectors([query])
+        if not usable[0]:
+            raise StageSkip("no known items, profile or context for the user tower")
+        store = self.store()
+        assert store is not None, "available() was not checked"
+        hits = store.search(self.model_id, vectors[0], request.k, filters=request.filters,
+                            exclude_ids=sorted(request.exclude), dedupe_groups=True)
+        used = [name for name, present in (("recent items", query.history), ("profile", request.profile),
+                                            ("context", request.context)) if present]
+        reason = "the two-tower retriever's pick for your " + " and ".join(used)
+        return [Scored(item_id, score, self.name, reason) for item_id, score in hits]
+
+
+def _two_tower(ctx: StageContext) -> Stage | None:
+    from atelier.config import Settings
+    from atelier.two_tower import serving_retriever, two_tower_model_id, user_checkpoint_path
+
+    settings = ctx.settings
+    assert isinstance(settings, Settings)
+    if not user_checkpoint_path(settings, ctx.dataset).is_file():
+        return None
+    try:
+        model_id = two_tower_model_id(settings, ctx.dataset)
+    except FileNotFoundError:
+        return None
+    return TwoTowerStage(ctx.store, model_id, serving_retriever(settings, ctx.dataset))
+
+
 def _content(ctx: StageContext) -> Stage:
     return ContentStage(ctx.store, ctx.model_id, ctx.encoder)
 
@@ -324,6 +375,7 @@ def _popularity(ctx: StageContext) -> Stage:
     return PopularityStage(ctx.popular, ctx.profile_keys)
 
 
+register_stage("two_tower", _two_tower)
 register_stage("content", _content)
 register_stage("popularity", _popularity)
 
