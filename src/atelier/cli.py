@@ -213,7 +213,7 @@ def vocab_cmd(
 
 # --------------------------------------------------------------------------- item tower
 
-train_app = typer.Typer(help="Train a model: item (SimCSE item tower).", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model: item (SimCSE item tower), user, ranker.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 
@@ -307,6 +307,29 @@ def train_user_cmd(
     console.print(f"best epoch {history.get('best_epoch')} (0 = the untrained tower); checkpoint: {path}")
     console.print(f"store: {report['model_id']}, {report['rows']:,} keys, "
                   f"HNSW recall@100 {report['recall_at_100']:.3f}")
+
+
+@train_app.command("ranker")
+def train_ranker_cmd(
+    dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
+    retriever: Annotated[str, typer.Option(help="Candidate source: content (item-tower kNN) or two-tower")] = "content",
+    epochs: Annotated[int, typer.Option(help="Passes over the reranker's rows")] = 3,
+    max_users: Annotated[int, typer.Option(help="Label-window users sampled for training rows")] = 3000,
+    random_init: Annotated[bool, typer.Option(help="Ablation: random embeddings instead of the item tower's")] = False,
+    seed: int = 0,
+    data_dir: DataDirOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Train the DeepFM reranker on the retriever's candidates (evaluation training window) and save it."""
+    from atelier.models.ranker import RankerConfig
+    from atelier.rerank import RerankTrainConfig, train_ranker_stage
+
+    settings = _settings(data_dir, run_dir)
+    tcfg = RerankTrainConfig(epochs=epochs, max_users=max_users, seed=seed)
+    cfg = RankerConfig(0, 0, transfer=not random_init, seed=seed)
+    path, history = _run(lambda: train_ranker_stage(settings, dataset, tcfg, cfg, retriever,
+                                                    progress=lambda m: console.print(m)))
+    console.print(f"rows: {history['rows']}\nloss: {history['initial_loss']} -> {history['loss']}\nranker: {path}")
 
 
 def _query_for(settings: Settings, dataset: str, user: str | None, history: list[str],

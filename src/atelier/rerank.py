@@ -491,3 +491,48 @@ class RerankRecommender(Recommender):
     def load_weights(self, path: Path) -> None:
         """Replace the fitted model by a saved one (same config)."""
         self.model, self.cfg, _ = load_ranker(path)
+
+
+# --------------------------------------------------------------------------- stage (CLI)
+
+
+def ranker_path(settings: Any, dataset: str) -> Path:
+    """Where ``atelier train ranker`` saves a dataset's reranker."""
+    return Path(settings.run_dir) / "models" / f"ranker-{dataset}.pt"
+
+
+def make_retriever(settings: Any, dataset: str, kind: str = "content") -> Recommender:
+    """A fresh retriever for the reranker: ``content`` (item-tower kNN; on H&M behind the shopper's own
+    items, since H&M shoppers re-buy) or ``two-tower`` (the trained user tower)."""
+    from atelier.content import ItemTowerRecommender, file_id
+    from atelier.recommender import RepurchaseFirst
+    from atelier.two_tower import TwoTowerRecommender, item_tower_for
+
+    ckpt = item_tower_for(settings, dataset)
+    window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
+    if kind == "two-tower":
+        return TwoTowerRecommender(ckpt, window_days=window)
+    if kind != "content":
+        raise ValueError(f"unknown retriever {kind!r}; choose content or two-tower")
+    vectors = Path(settings.run_dir) / "vectors" / dataset / f"{file_id(ckpt)}.npz"
+    knn = ItemTowerRecommender(ckpt, window_days=window, vectors_file=vectors)
+    return RepurchaseFirst(knn) if dataset == "hm" else knn
+
+
+def train_ranker_stage(
+    settings: Any, dataset: str, tcfg: RerankTrainConfig, cfg: RankerConfig | None = None,
+    retriever: str = "content", progress: ProgressFn | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """``atelier train ranker``: fit the reranker on the dataset's evaluation training window and save it."""
+    from atelier.ingest import load_tables
+    from atelier.two_tower import item_tower_for
+
+    items, interactions, users = load_tables(settings.dataset_dir(dataset))
+    split = time_split(dataset, interactions)
+    data = TrainData(dataset, items, split.train.reset_index(drop=True), users, Path(settings.run_dir) / "features")
+    enriched = Path(settings.run_dir) / "items" / f"{dataset}.enriched.jsonl"
+    rec = RerankRecommender(make_retriever(settings, dataset, retriever), item_tower_for(settings, dataset),
+                            cfg=cfg, train=tcfg, enriched=enriched, progress=progress).fit(data)
+    path = ranker_path(settings, dataset)
+    rec.save(path)
+    return path, rec.history
