@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
-from atelier.content import ItemTowerRecommender, checkpoint_path, file_id
+from atelier.config import Settings
 from atelier.evaluate import POPULARITY_WINDOW_DAYS, build_queries, evaluate, git_commit, machine, time_split
 from atelier.ingest import load_tables
 from atelier.models.ranker import RankerConfig
-from atelier.recommender import Recommender, RepurchaseFirst
-from atelier.rerank import RerankRecommender, RerankTrainConfig
+from atelier.recommender import Recommender
+from atelier.rerank import RerankRecommender, RerankTrainConfig, make_retriever
+from atelier.two_tower import item_tower_for
 
 RUN_DIR = Path("runs")
 OUT = Path("benchmarks/results/rerank-2026-11-27.json")
@@ -35,28 +36,15 @@ METRICS = ("map@12", "ndcg@12", "recall@12", "recall@100")
 
 
 def retriever(dataset: str, kind: str) -> Recommender:
-    """A fresh, unfitted retriever of the chosen kind."""
-    ckpt = checkpoint_path_for(dataset)
-    window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
+    """A fresh, unfitted retriever of the chosen kind (two-tower capped at 2 epochs for CPU time)."""
+    settings = Settings(run_dir=RUN_DIR)
     if kind == "two-tower":
         from atelier.train_user import TrainUserConfig
-        from atelier.two_tower import TwoTowerRecommender
+        from atelier.two_tower import TwoTowerRecommender, item_tower_for
 
-        return TwoTowerRecommender(ckpt, cfg=TrainUserConfig(epochs=2), window_days=window)
-    vectors = RUN_DIR / "vectors" / dataset / f"{file_id(ckpt)}.npz"
-    knn = ItemTowerRecommender(ckpt, window_days=window, vectors_file=vectors)
-    return RepurchaseFirst(knn) if dataset == "hm" else knn  # H&M shoppers re-buy; RTR renters rarely re-rent
-
-
-def checkpoint_path_for(dataset: str) -> Path:
-    """The dataset's own item tower, else H&M's (shared vocabulary)."""
-    from atelier.config import Settings
-
-    settings = Settings(run_dir=RUN_DIR)
-    for name in (dataset, "hm"):
-        if checkpoint_path(settings, name).is_file():
-            return checkpoint_path(settings, name)
-    raise FileNotFoundError("no item tower checkpoint; run `atelier train item --dataset hm`")
+        return TwoTowerRecommender(item_tower_for(settings, dataset), cfg=TrainUserConfig(epochs=2),
+                                   window_days=POPULARITY_WINDOW_DAYS.get(dataset, 7.0))
+    return make_retriever(settings, dataset, kind)
 
 
 def latency_ms(rec: RerankRecommender, dataset: str, n_queries: int = 100) -> dict[str, float]:
@@ -75,6 +63,16 @@ def latency_ms(rec: RerankRecommender, dataset: str, n_queries: int = 100) -> di
             "queries": len(times), "candidates": 100, "threads": torch.get_num_threads()}
 
 
+def explanation_example(rec: RerankRecommender, dataset: str) -> dict[str, Any]:
+    """The reranker's top 3 for the first test user with a history, with their explanations."""
+    _, interactions, users = load_tables(RUN_DIR / "data" / dataset)
+    queries, actual = build_queries(time_split(dataset, interactions), users)
+    q = next(q for q in queries if q.history)
+    top = rec.recommend([q], 3)[0]
+    return {"user": q.user_id, "history": list(q.history[-5:]), "context": q.context,
+            "bought": sorted(actual[q.user_id]), "top3": rec.explain(q, top)}
+
+
 def summary(values: list[float]) -> dict[str, float]:
     """Mean and sample sd (0 for one value)."""
     return {"mean": round(statistics.fmean(values), 5),
@@ -85,16 +83,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison on one dataset and merge it into the results file."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dataset", default="hm")
-    ap.add_argument("--retriever", default="content", choices=["content", "two-tower"])
+    ap.add_argument("--retriever", default="content", choices=["content", "occasion", "two-tower"])
     ap.add_argument("--max-users", type=int, default=3000, help="test users sampled by the harness")
-    ap.add_argument("--train-users", type=int, default=3000, help="label-window users for training rows")
+    ap.add_argument("--train-users", type=int, default=20000, help="label-window users sampled for training rows")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--no-random", action="store_true", help="skip the random-initialisation ablation")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--key", default=None, help="entry in the results file (default: dataset/retriever)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # 2 shared cores: one thread ran 4.5x faster than two under contention
-    ckpt = checkpoint_path_for(args.dataset)
+    ckpt = item_tower_for(Settings(run_dir=RUN_DIR), args.dataset)
     enriched = RUN_DIR / "items" / f"{args.dataset}.enriched.jsonl"
     base = retriever(args.dataset, args.retriever)
     base.name = f"retrieval: {base.name}"  # type: ignore[misc]
@@ -122,13 +121,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "git_commit": git_commit(), "machine": machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "retriever": base.name, "split": report["split"], "table": table,
         "latency_100_candidates": latency_ms(reranker, args.dataset),
+        "explanation_example": explanation_example(reranker, args.dataset),
         "training": {r.name: r.history for r in recs if isinstance(r, RerankRecommender)},
         "models": {n: {"all": m["cohorts"]["all"], "with_history": m["cohorts"]["with_history"],
                        "fit_seconds": m["fit_seconds"], "recommend_seconds": m["recommend_seconds"]}
                    for n, m in models.items()},
     }
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results[args.dataset] = result
+    results[args.key or f"{args.dataset}/{args.retriever}"] = result
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=float))
     print(json.dumps({"table": table, "latency": result["latency_100_candidates"]}, indent=2, default=float))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import ClassVar, Self
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from atelier.baselines import PopularityRecommender
+from atelier.config import Settings
 from atelier.content import tower_config
 from atelier.models.item_tower import ItemTower, save_checkpoint
 from atelier.models.ranker import RankerConfig, build_ranker, load_ranker, projection, transfer_embeddings
@@ -24,6 +26,8 @@ from atelier.rerank import (
     RerankTrainConfig,
     Rows,
     predict,
+    ranker_path,
+    rerank_suite,
     train_ranker,
     training_rows,
 )
@@ -180,6 +184,15 @@ def test_checkpoint_round_trip(tmp_path: Path, toy: tuple[TrainData, Path]) -> N
     assert cfg == rec.cfg and payload["history"]["rows"]["label_cut"] == "2017-07-05"
     rec.model = model
     np.testing.assert_allclose(rec.score(q, ["i1", "i2", "i3"]), before, rtol=1e-6)
+    # The harness entry rebuilds the saved configuration (and is absent before any `train ranker`).
+    settings = Settings(run_dir=tmp_path / "runs")
+    assert rerank_suite(settings, "rtr") == []
+    (tmp_path / "runs" / "models").mkdir(parents=True)
+    shutil.copyfile(ckpt, tmp_path / "runs" / "models" / "item_tower-rtr.pt")
+    rec.save(ranker_path(settings, "rtr"), {"retriever": "occasion"})
+    (entry,) = rerank_suite(settings, "rtr")
+    assert isinstance(entry, RerankRecommender) and entry.cfg_overrides == rec.cfg and entry.tcfg == rec.tcfg
+    assert entry.name == "rerank (occasion)"
 
 
 def test_featuriser_marks_repurchases_and_retrieval_rank(toy: tuple[TrainData, Path]) -> None:

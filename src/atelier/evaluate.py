@@ -278,6 +278,9 @@ def model_suite(settings: Any, dataset: str, names: Sequence[str] | None = None,
     if user_checkpoint_path(settings, dataset).is_file():
         # The harness refits on its own training window; `atelier train user` left the fit in the cache.
         suite += two_tower_suite(settings, dataset, ablations=ablations)
+    from atelier.rerank import rerank_suite
+
+    suite += rerank_suite(settings, dataset)  # only once `atelier train ranker` has saved one
     return _select(suite, names)
 
 

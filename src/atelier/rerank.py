@@ -55,7 +55,8 @@ class RerankTrainConfig:
     """How the reranker's rows are built and how long it trains."""
 
     label_days: float | None = None  # None: LABEL_DAYS of the dataset
-    max_users: int = 3000  # label-window users sampled for rows (x ~105 rows each); CPU budget
+    max_users: int = 20000  # label-window users sampled (H&M has ~13k, RTR ~11k: all of them)
+    positive_users_only: bool = True  # a user none of whose candidates was bought carries no ranking signal
     candidates: int = 100  # retriever depth, as served
     hard_negatives: int = 40  # retrieved non-purchases kept per user: more users for the same rows
     random_negatives: int = 5  # easy negatives per user so scores stay calibrated off the retriever's list
@@ -301,6 +302,9 @@ def training_rows(
         cands = [c for c in cands if c in feat.cat.index]
         ranks = np.arange(len(cands))
         bought = np.array([c in actual[q.user_id] for c in cands], bool)
+        hits += int(bought.any())
+        if tcfg.positive_users_only and not bought.any():
+            continue
         if (~bought).sum() > tcfg.hard_negatives:  # subsample the retrieved negatives, keep every positive
             keep = np.sort(np.concatenate([ranks[bought], rng.choice(ranks[~bought], tcfg.hard_negatives,
                                                                      replace=False)]))
@@ -312,14 +316,14 @@ def training_rows(
         items = [cands[i] for i in keep] + extra
         scores = np.concatenate([rank_scores(len(cands))[keep], np.zeros(len(extra), np.float32)])
         y = np.array([i in actual[q.user_id] for i in items], np.float32)
-        hits += int(bought.any())
         xs.append(feat.rows(q, items, scores, stats))
         ys.append(y)
         groups.append(np.full(len(items), g))
         row_items += items
+    assert xs, "no label-window user bought any of their candidates: nothing to learn from"
     y_all = np.concatenate(ys)
     info = {"label_cut": str(cut.date()), "history_days": [str(split.train["ts"].min().date()), str(cut.date())],
-            "users": len(queries), "rows": len(y_all), "positives": int(y_all.sum()),
+            "users": len(queries), "users_in_rows": len(xs), "rows": len(y_all), "positives": int(y_all.sum()),
             "users_with_a_positive_candidate": hits}
     return Rows(np.concatenate(xs), y_all, np.concatenate(groups), np.array(row_items, dtype=object), info)
 
@@ -482,11 +486,11 @@ class RerankRecommender(Recommender):
                         "top_fields": fields, "top_pairs": [(a, b, round(v, 4)) for a, b, v in pairs[:top]]})
         return out
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
         """Checkpoint the ranker with the training history (the featuriser is rebuilt from the catalogue)."""
         assert self.cfg is not None
         save_ranker(self.model, self.cfg, path, {"history": self.history, "train": asdict(self.tcfg),
-                                                 "dense": list(DENSE)})
+                                                 "dense": list(DENSE), **(extra or {})})
 
     def load_weights(self, path: Path) -> None:
         """Replace the fitted model by a saved one (same config)."""
@@ -503,7 +507,8 @@ def ranker_path(settings: Any, dataset: str) -> Path:
 
 def make_retriever(settings: Any, dataset: str, kind: str = "content") -> Recommender:
     """A fresh retriever for the reranker: ``content`` (item-tower kNN; on H&M behind the shopper's own
-    items, since H&M shoppers re-buy) or ``two-tower`` (the trained user tower)."""
+    items, since H&M shoppers re-buy), ``occasion`` (popularity within the stated occasion, RentTheRunway's
+    strongest baseline) or ``two-tower`` (the trained user tower)."""
     from atelier.content import ItemTowerRecommender, file_id
     from atelier.recommender import RepurchaseFirst
     from atelier.two_tower import TwoTowerRecommender, item_tower_for
@@ -512,8 +517,12 @@ def make_retriever(settings: Any, dataset: str, kind: str = "content") -> Recomm
     window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
     if kind == "two-tower":
         return TwoTowerRecommender(ckpt, window_days=window)
+    if kind == "occasion":
+        from atelier.baselines import SegmentPopularityRecommender
+
+        return SegmentPopularityRecommender("context", window)
     if kind != "content":
-        raise ValueError(f"unknown retriever {kind!r}; choose content or two-tower")
+        raise ValueError(f"unknown retriever {kind!r}; choose content, occasion or two-tower")
     vectors = Path(settings.run_dir) / "vectors" / dataset / f"{file_id(ckpt)}.npz"
     knn = ItemTowerRecommender(ckpt, window_days=window, vectors_file=vectors)
     return RepurchaseFirst(knn) if dataset == "hm" else knn
@@ -534,5 +543,24 @@ def train_ranker_stage(
     rec = RerankRecommender(make_retriever(settings, dataset, retriever), item_tower_for(settings, dataset),
                             cfg=cfg, train=tcfg, enriched=enriched, progress=progress).fit(data)
     path = ranker_path(settings, dataset)
-    rec.save(path)
+    rec.save(path, {"retriever": retriever, "dataset": dataset})
     return path, rec.history
+
+
+def rerank_suite(settings: Any, dataset: str) -> list[Recommender]:
+    """The harness entry for a dataset's saved reranker: the same retriever and configs, refitted on the
+    harness's training window (empty when ``atelier train ranker`` has not run)."""
+    from atelier.two_tower import item_tower_for
+
+    path = ranker_path(settings, dataset)
+    if not path.is_file():
+        return []
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    raw = dict(payload["config"])
+    raw["dnn_hidden"], raw["dense"] = tuple(raw["dnn_hidden"]), tuple(raw["dense"])
+    kind = str(payload.get("retriever", "content"))
+    rec = RerankRecommender(make_retriever(settings, dataset, kind), item_tower_for(settings, dataset),
+                            cfg=RankerConfig(**raw), train=RerankTrainConfig(**payload["train"]),
+                            enriched=Path(settings.run_dir) / "items" / f"{dataset}.enriched.jsonl",
+                            name=f"rerank ({kind})")
+    return [rec]
