@@ -93,7 +93,7 @@ def test_training_rows_use_only_days_before_the_labels(toy: tuple[TrainData, Pat
     # while its label day purchases are positives.
     i29 = rows.items == "i29"
     assert i29.any()
-    for name in ("item_pop", "item_recency", "in_history", "retrieval_score"):
+    for name in ("item_pop", "item_pop_recent", "item_recency", "in_history", "retrieval_score"):
         assert rows.x[i29, feat.layout[name][0]].max() == 0, name
     assert rows.y[i29].sum() > 0
     label_day = data.interactions[data.interactions["ts"] >= "2017-07-05"]

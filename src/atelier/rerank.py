@@ -155,6 +155,7 @@ class LogStats:
 
     pop: np.ndarray  # (n,) log1p(count in the window) / log1p(max count)
     recency: np.ndarray  # (n,) exp(-days since the item's last interaction / window), 0 if never
+    pop_recent: np.ndarray  # (n,) as ``pop`` over the last third of the window: the trend
 
     @classmethod
     def build(cls, log: pd.DataFrame, cat: Catalogue, window_days: float) -> LogStats:
@@ -162,18 +163,21 @@ class LogStats:
         n = len(cat.item_ids)
         pop, rec = np.zeros(n, np.float32), np.zeros(n, np.float32)
         if log.empty:
-            return cls(pop, rec)
+            return cls(pop, rec, pop.copy())
         end = log["ts"].max()
         idx = log["item_id"].astype(str).map(cat.index)
         ok = idx.notna().to_numpy()
         rows, ts = idx[ok].astype(int).to_numpy(), log["ts"][ok]
-        recent = (ts > end - pd.Timedelta(days=window_days)).to_numpy()
-        counts = np.bincount(rows[recent], minlength=n).astype(np.float32)
-        scaled = np.log1p(counts) / max(float(np.log1p(counts.max())), 1e-6)
+
+        def scaled_counts(days: float) -> np.ndarray:
+            recent = (ts > end - pd.Timedelta(days=days)).to_numpy()
+            counts = np.bincount(rows[recent], minlength=n).astype(np.float32)
+            return (np.log1p(counts) / max(float(np.log1p(counts.max())), 1e-6)).astype(np.float32)
+
         last = pd.Series(ts.to_numpy()).groupby(rows).max()
         days = ((end - last).dt.total_seconds() / 86400).to_numpy()
         rec[last.index.to_numpy()] = np.exp(-days / window_days)
-        return cls(scaled.astype(np.float32), rec)
+        return cls(scaled_counts(window_days), rec, scaled_counts(window_days / 3))
 
 
 @dataclass
@@ -247,7 +251,8 @@ class Featuriser:
             x[:, a:b] = table[idx]
         history = set(q.history)
         dense = {"retrieval_score": scores, "in_history": np.array([i in history for i in items], np.float32),
-                 "item_pop": stats.pop[idx], "item_recency": stats.recency[idx], "price": self.cat.price[idx]}
+                 "item_pop": stats.pop[idx], "item_pop_recent": stats.pop_recent[idx],
+                 "item_recency": stats.recency[idx], "price": self.cat.price[idx]}
         for name, value in dense.items():
             if name in self.layout:
                 x[:, self.layout[name][0]] = value

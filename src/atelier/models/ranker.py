@@ -7,7 +7,8 @@ Fields (one row = one shopper x one candidate):
   table: FM's <hist_std, category> term is then "how well this category matches what they bought";
 - RE attributes (hashed ids) of the item and of the history in one table ``re`` (RE id ``i`` = row ``i``);
 - bucketised profile fields (height, weight, age, body type), the context (hashed), history length;
-- dense: retrieval score, already-bought flag, item popularity and recency, price, raw profile numbers.
+- dense: retrieval score, already-bought flag, item popularity (window and its last third) and recency,
+  price, raw profile numbers.
 
 Weight transfer (``transfer_embeddings``): DeepCTR-Torch keeps each table in ``model.embedding_dict``
 keyed by ``SparseFeat.embedding_name``; since ``std``/``re`` rows are the item tower's ids, the tower's
@@ -34,8 +35,8 @@ RANKER_FORMAT = 1
 ITEM_FIELDS: tuple[str, ...] = ("category", "category_specification", "color", "print", "gender",
                                 "fiber_composition")
 USER_BUCKETS: tuple[str, ...] = ("height_b", "weight_b", "age_b", "body_type", "context", "hist_len_b")
-DENSE: tuple[str, ...] = ("retrieval_score", "in_history", "item_pop", "item_recency", "price", "height",
-                          "weight", "age")
+DENSE: tuple[str, ...] = ("retrieval_score", "in_history", "item_pop", "item_pop_recent", "item_recency", "price",
+                          "height", "weight", "age")
 
 
 @dataclass
