@@ -58,3 +58,24 @@ def test_real_model_enriches_real_hm_products(gguf: Path, data_dir: Path, tmp_pa
         for phrases in r.item.reinforced_feature_value.values():
             assert all(0 < len(p) <= 32 for p in phrases)
     assert all(r.cached for r in again)
+
+
+def test_loglik_scorer_scores_every_value_and_matches_one_at_a_time(gguf: Path) -> None:
+    """The one-batch scorer (shared prefix, one sequence per candidate) equals scoring each field alone."""
+    import numpy as np
+
+    from atelier.enrich.loglik import LogLikExtractor
+
+    ex = LogLikExtractor(gguf, n_threads=1)
+    try:
+        text = "Product: Black leather ankle boots with a side zip."
+        both = ex.score(text, ["color", "category"])
+        alone = ex.score(text, ["color"])
+        assert set(both) == {"color", "category"}
+        assert both["color"].shape == (len(ex.values("color")),) and np.isfinite(both["category"]).all()
+        assert (both["color"] <= 0).all()  # mean log-probabilities
+        np.testing.assert_allclose(both["color"], alone["color"], atol=0.05)
+        picked = ex.pick("Black leather ankle boots", "With a side zip.", ["color", "category"])
+        assert picked["color"] in load_schema().std["color"].values
+    finally:
+        ex.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -92,9 +93,11 @@ class NearestLabelExtractor(FieldwiseExtractor):
     term. Label vectors are computed once per field.
     """
 
-    def __init__(self, schema: Schema | None = None, device: str = "cpu") -> None:
+    def __init__(self, schema: Schema | None = None, device: str = "cpu",
+                 encode: Callable[[list[str]], np.ndarray] | None = None) -> None:
         super().__init__(schema)
         self.device = device
+        self._encode = encode  # texts -> L2-normalised rows; None = MiniLM (tests pass a toy encoder)
         self._terms: dict[str, tuple[list[str], np.ndarray, np.ndarray]] = {}
         self._lock = threading.Lock()
 
@@ -114,21 +117,25 @@ class NearestLabelExtractor(FieldwiseExtractor):
         """(values, term -> value index, term vectors) of one field."""
         hit = self._terms.get(name)
         if hit is None:
-            from atelier.text import encode_texts
-
             terms = value_terms(self.schema, name)
             values = list(terms)
             owner = np.array([i for i, v in enumerate(values) for _ in terms[v]])
-            vecs = encode_texts([t for v in values for t in terms[v]], device=self.device)  # (terms, 384)
+            vecs = self.encode([t for v in values for t in terms[v]])  # (terms, 384)
             hit = self._terms[name] = (values, owner, vecs)
         return hit
 
-    def pick_many(self, texts: list[str], fields: list[str]) -> list[dict[str, str]]:
-        """``pick`` for many texts at once (one encoder pass)."""
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised vectors of ``texts``, shape (len(texts), dim)."""
+        if self._encode is not None:
+            return self._encode(texts)
         from atelier.text import encode_texts
 
+        return encode_texts(texts, device=self.device)
+
+    def pick_many(self, texts: list[str], fields: list[str]) -> list[dict[str, str]]:
+        """``pick`` for many texts at once (one encoder pass)."""
         with self._lock:
-            doc = encode_texts(texts, device=self.device)  # (n, 384), L2-normalised
+            doc = self.encode(texts)  # (n, 384), L2-normalised
             out: list[dict[str, str]] = [{} for _ in texts]
             for name in fields:
                 values, owner, vecs = self._field(name)

