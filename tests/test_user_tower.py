@@ -280,3 +280,20 @@ def test_from_training_fits_a_recommender(tmp_path: Path, monkeypatch: pytest.Mo
     assert rec.name == "two-tower" and rec.drop == {"profile"} and rec.history["val_examples"] > 0
     assert rec.history["config"]["drop"] == ["profile"]
     assert all(len(set(r)) == 5 for r in rec.recommend([Query("u1", history=("a",), context="work")] * 2, 5))
+
+
+def test_log_popularity_overall_and_per_segment_columns() -> None:
+    from atelier.train_user import bias_segments, log_popularity, retrieval_keys
+
+    ts = pd.to_datetime(["2020-01-01", "2020-01-09", "2020-01-10", "2020-01-10", "2020-01-10"])
+    log = pd.DataFrame({"user_id": list("abcde"), "item_id": ["x", "x", "x", "y", "z"], "ts": ts,
+                        "occasion": ["Wedding", "wedding ", "party", "party", None]})
+    index = {"x": 0, "y": 1, "z": 2, "w": 3}
+    b = log_popularity(log, index, window_days=5, segments=("wedding", "party"))
+    # The 2020-01-01 row is outside the 5-day window; occasions match case- and space-insensitively.
+    expected = np.log1p([[2, 1, 1], [1, 0, 1], [1, 0, 0], [0, 0, 0]])
+    assert np.allclose(b, expected)
+    assert bias_segments(log, min_count=1) == ("wedding", "party")
+    assert bias_segments(log.drop(columns="occasion")) == ()
+    keys = retrieval_keys(np.eye(4, dtype=np.float32), b)
+    assert keys.shape == (4, 7) and np.allclose(keys[:, 4:], b)

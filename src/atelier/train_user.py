@@ -224,16 +224,36 @@ def split_by_days(examples: Examples, val_frac_days: float = 0.1) -> tuple[Examp
 # ---------------------------------------------------------------- item popularity
 
 
+def _segment(values: pd.Series) -> pd.Series:
+    return values.astype("string").str.strip().str.lower().fillna("")
+
+
+def bias_segments(interactions: pd.DataFrame, max_segments: int = 16, min_count: int = 100) -> tuple[str, ...]:
+    """The most frequent context values (``occasion``) of a log, for per-segment popularity columns."""
+    if "occasion" not in interactions.columns:
+        return ()
+    counts = _segment(interactions["occasion"]).value_counts()
+    return tuple(str(v) for v, n in counts.head(max_segments).items() if n >= min_count and v)
+
+
 def log_popularity(
     interactions: pd.DataFrame, item_index: dict[str, int], window_days: float | None = None,
+    segments: Sequence[str] = (),
 ) -> np.ndarray:
-    """(n_items,) float32 log(1 + interactions) per item over the log's last ``window_days`` (all when None):
-    the ``b`` of the retrieval keys ``[v, b]``. Unknown and cold items get 0."""
+    """(n_items, 1 + len(segments)) float32 log(1 + interactions) per item over the log's last ``window_days``
+    (all when None): overall, then within each ``occasion`` segment. The ``b`` of the retrieval keys
+    ``[v, b]``; unknown and cold items get 0."""
     log = interactions
     if window_days is not None and len(log):
         log = log[log["ts"] > log["ts"].max() - pd.Timedelta(days=window_days)]
-    rows = log["item_id"].astype(str).map(item_index).dropna().to_numpy(dtype=np.int64)
-    return np.log1p(np.bincount(rows, minlength=len(item_index))).astype(np.float32)
+    rows = log["item_id"].astype(str).map(item_index)
+    known = rows.notna().to_numpy()
+    rows_np = rows[known].to_numpy(dtype=np.int64)
+    columns = [np.bincount(rows_np, minlength=len(item_index))]
+    if segments:
+        occasion = _segment(log["occasion"])[known].to_numpy(dtype=object)
+        columns += [np.bincount(rows_np[occasion == seg], minlength=len(item_index)) for seg in segments]
+    return np.log1p(np.stack(columns, axis=1)).astype(np.float32)
 
 
 def retrieval_keys(item_vectors: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -241,8 +261,8 @@ def retrieval_keys(item_vectors: np.ndarray, bias: np.ndarray | None) -> np.ndar
     vectors = np.asarray(item_vectors, dtype=np.float32)
     if bias is None:
         return vectors
-    assert bias.shape == (len(vectors),), f"bias {bias.shape} for {len(vectors)} items"
-    return np.concatenate([vectors, np.asarray(bias, np.float32)[:, None]], axis=1)
+    bias = np.asarray(bias, np.float32).reshape(len(vectors), -1)
+    return np.concatenate([vectors, bias], axis=1)
 
 
 # ---------------------------------------------------------------- tensors
@@ -388,7 +408,10 @@ def train_user_tower(
     # Frozen: a plain tensor, never a parameter, so the optimiser cannot touch it.
     counts = np.bincount(train_examples.target, minlength=len(item_vectors)).astype(np.float64)
     if model_cfg.item_bias and item_bias is None:
-        item_bias = np.log1p(counts).astype(np.float32)
+        item_bias = np.log1p(counts).astype(np.float32)[:, None]
+    if model_cfg.item_bias:
+        assert item_bias is not None and item_bias.reshape(len(item_vectors), -1).shape[1] == model_cfg.n_bias, (
+            f"item_bias must have {model_cfg.n_bias} columns (overall + segments {model_cfg.bias_segments})")
     keys = torch.as_tensor(retrieval_keys(item_vectors, item_bias if model_cfg.item_bias else None),
                            device=device).requires_grad_(False)
     items = keys[:, : model_cfg.item_dim]
@@ -519,6 +542,8 @@ class UserTowerRecommender(PopularityRecommender):
         """Train a tower on ``data.interactions`` (the last ``cfg.val_frac_days`` of days validate) and
         return the fitted recommender (``cfg.drop`` applies at inference too)."""
         model_cfg = model_cfg or UserTowerConfig(item_dim=item_vectors.shape[1])
+        if model_cfg.item_bias and not model_cfg.bias_segments:
+            model_cfg = replace(model_cfg, bias_segments=bias_segments(data.interactions))
         index = {str(item): i for i, item in enumerate(item_ids)}
         encode = partial(encode_texts, cache_dir=data.cache_dir)
         examples = build_examples(data.interactions, index, data.users, model_cfg.max_history, encode=encode,
@@ -529,7 +554,8 @@ class UserTowerRecommender(PopularityRecommender):
         train, val = split_by_days(examples, cfg.val_frac_days)
         # Popularity as it stood before the validation days, so validation does not see its own counts.
         window = kwargs.get("window_days", 3)
-        bias = log_popularity(data.interactions[data.interactions["ts"] < val.ts.min()], index, window)
+        bias = log_popularity(data.interactions[data.interactions["ts"] < val.ts.min()], index, window,
+                              model_cfg.bias_segments)
         if cfg.basket_history:
             cut = val.ts.min()
             train = build_examples(data.interactions[data.interactions["ts"] < cut], index, data.users,
@@ -548,7 +574,7 @@ class UserTowerRecommender(PopularityRecommender):
         super().fit(data)
         if self.cache_dir is None:
             self.cache_dir = data.cache_dir
-        bias = log_popularity(data.interactions, self.item_index, self.window_days)
+        bias = log_popularity(data.interactions, self.item_index, self.window_days, self.model.config.bias_segments)
         self.keys = retrieval_keys(self.item_vectors, bias if self.model.config.item_bias else None)
         return self
 

@@ -63,15 +63,24 @@ class UserTowerConfig:
     # scores u.v + w*b by inner product against [v, b]. Frozen content vectors cannot tell two items of
     # one category apart; the bias can, and it stays a plain MIPS query for the store.
     item_bias: bool = True
+    # Context values (RentTheRunway occasions) whose own popularity is one more key column each: the query
+    # weighs "popular for weddings" when the context says wedding. Empty = overall popularity only.
+    bias_segments: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.out_dim is None:
             self.out_dim = self.item_dim
+        self.bias_segments = tuple(self.bias_segments)  # a checkpoint's JSON-ish config gives a list
 
     @property
     def query_dim(self) -> int:
-        """Width of the retrieval query: the user vector, plus the popularity weight with ``item_bias``."""
-        return (self.out_dim or self.item_dim) + int(self.item_bias)
+        """Width of the retrieval query: the user vector, plus the popularity weights with ``item_bias``."""
+        return (self.out_dim or self.item_dim) + self.n_bias
+
+    @property
+    def n_bias(self) -> int:
+        """Popularity columns of the keys: overall, then one per segment (0 without ``item_bias``)."""
+        return 1 + len(self.bias_segments) if self.item_bias else 0
         assert self.d_model % self.n_heads == 0, f"d_model {self.d_model} not divisible by n_heads {self.n_heads}"
         assert self.n_body_types >= 1, "n_body_types counts the unknown id 0, so it is at least 1"
 
@@ -191,7 +200,7 @@ class UserTower(nn.Module):
         self.nobody = nn.Parameter(torch.zeros(d))
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(config.dropout),
                                   nn.Linear(2 * d, out_dim))
-        self.bias_head = nn.Linear(d, 1) if config.item_bias else None
+        self.bias_head = nn.Linear(d, config.n_bias) if config.item_bias else None
         self.skip_scale = nn.Parameter(torch.tensor(1.0 if config.history_skip else 0.0),
                                        requires_grad=config.history_skip)
         nn.init.normal_(self.recency.weight, std=0.02)
