@@ -136,5 +136,5 @@ def test_checkpoint_round_trip(vocab: Vocab, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="run `atelier train item` first"):
         load_checkpoint(tmp_path / "missing.pt")
     torch.save({"kind": "something else"}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not an item tower"):
+    with pytest.raises(CheckpointError, match="not a checkpoint of the item tower"):
         load_checkpoint(tmp_path / "other.pt")

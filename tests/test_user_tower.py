@@ -108,7 +108,7 @@ def test_checkpoint_round_trip_keeps_stats(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_user_checkpoint(tmp_path / "missing.pt")
     torch.save({"kind": "item_tower"}, tmp_path / "item.pt")
-    with pytest.raises(CheckpointError, match="not a user tower"):
+    with pytest.raises(CheckpointError, match="not a checkpoint of the user tower"):
         load_user_checkpoint(tmp_path / "item.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable"):

@@ -44,6 +44,16 @@ class TrainItemConfig:
     views: ViewConfig = field(default_factory=ViewConfig)
 
 
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Backward, clip the gradient norm to 1 (a bad batch cannot blow the weights up), step, schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+
+
 def lr_at(step: int, total: int, warmup: int) -> float:
     """Linear warm-up then cosine decay to zero, as a multiplier of the base rate."""
     if step < warmup:
@@ -109,11 +119,7 @@ def train_item_tower(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 za, zb = net(both).chunk(2)
             loss = info_nce(za.float(), zb.float(), cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, model, opt, sched)
             step += 1
             losses.append(loss.item())
             if progress is not None and rank == 0:

@@ -42,7 +42,7 @@ from atelier.models.user_tower import (
 )
 from atelier.recommender import Query, TrainData, fill
 from atelier.text import TEXT_DIM, encode_texts
-from atelier.train import lr_at
+from atelier.train import lr_at, optimizer_step
 
 ProgressFn = Callable[[int, int, float], None]  # (step, total steps, loss)
 EncodeFn = Callable[[list[str]], np.ndarray]  # texts -> (n, 384) sentence vectors
@@ -456,11 +456,7 @@ def train_user_tower(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 u = model(x)
             loss = sampled_softmax(u.float(), keys, targets, negatives, log_q, cfg.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, model, opt, sched)
             step += 1
             losses.append(loss.item())
             if progress is not None:

@@ -138,18 +138,26 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or not an item tower of this format."""
 
 
-def load_checkpoint(path: Path, device: str = "cpu") -> tuple[ItemTower, dict[str, Any]]:
-    """Rebuild the tower from a checkpoint file alone; returns the model (eval mode) and the payload."""
+def read_payload(path: Path, kind: str, fmt: int, device: str = "cpu") -> dict[str, Any]:
+    """A self-describing checkpoint's payload, checked for its ``kind`` ("item_tower", "user_tower") and
+    format; CheckpointError with what to run when it is missing, unreadable or something else."""
+    what = kind.replace("_", " ")
     try:
         payload = torch.load(path, map_location=device, weights_only=False)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no checkpoint; run `atelier train item` first") from None
+        raise CheckpointError(f"{path}: no checkpoint; run `atelier train {kind.split('_')[0]}` first") from None
     except Exception as exc:  # torch raises several types for a truncated or foreign file
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or payload.get("kind") != "item_tower":
-        raise CheckpointError(f"{path}: not an item tower checkpoint")
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {payload.get('format')}, expected {CHECKPOINT_FORMAT}")
+    if not isinstance(payload, dict) or payload.get("kind") != kind:
+        raise CheckpointError(f"{path}: not a checkpoint of the {what}")
+    if payload.get("format") != fmt:
+        raise CheckpointError(f"{path}: checkpoint format {payload.get('format')}, expected {fmt}")
+    return payload
+
+
+def load_checkpoint(path: Path, device: str = "cpu") -> tuple[ItemTower, dict[str, Any]]:
+    """Rebuild the tower from a checkpoint file alone; returns the model (eval mode) and the payload."""
+    payload = read_payload(path, "item_tower", CHECKPOINT_FORMAT, device)
     model = ItemTower(ItemTowerConfig(**payload["config"]))
     try:
         model.load_state_dict(payload["state_dict"])

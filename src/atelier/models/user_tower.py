@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from atelier.models.item_tower import CheckpointError
+from atelier.models.item_tower import CheckpointError, read_payload
 
 CHECKPOINT_FORMAT = 1
 PARTS = ("history", "context", "profile")
@@ -305,16 +305,7 @@ def save_user_checkpoint(
 def load_user_checkpoint(path: Path, device: str = "cpu") -> tuple[UserTower, dict[str, Any]]:
     """Rebuild the tower from a checkpoint file alone; returns the model (eval mode) and the payload
     (``payload["profile_stats"]`` is a ``ProfileStats``)."""
-    try:
-        payload = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no checkpoint; run `atelier train user` first") from None
-    except Exception as exc:  # torch raises several types for a truncated or foreign file
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(payload, dict) or payload.get("kind") != "user_tower":
-        raise CheckpointError(f"{path}: not a user tower checkpoint")
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {payload.get('format')}, expected {CHECKPOINT_FORMAT}")
+    payload = read_payload(path, "user_tower", CHECKPOINT_FORMAT, device)
     missing = [k for k in ("config", "profile_stats", "body_vocab", "item_checkpoint_id", "state_dict")
                if k not in payload]
     if missing:
