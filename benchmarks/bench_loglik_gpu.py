@@ -58,6 +58,25 @@ def export(out: Path, n: int, seed: int, n_extra: int) -> None:
             "extra": [product_text(str(r.title or ""), "" if pd.isna(r.description) else str(r.description))
                       for r in extra[["title", "description"]].itertuples(index=False)],
         }
+    # Token ids from llama.cpp's own tokenizer, so the GPU scores exactly the CPU scorer's tokens
+    # (transformers' GGUF tokenizer splits some texts differently).
+    from llama_cpp import Llama
+
+    from atelier.enrich.embedded import GGUF_NAME
+
+    vocab = Llama(model_path=str(settings.run_dir / "models" / GGUF_NAME), vocab_only=True, verbose=False)
+
+    def ids(text: str, bos: bool = False) -> list[int]:
+        return list(vocab.tokenize(text.encode("utf-8"), add_bos=bos, special=True))
+
+    head, tail = _TURN.split("{product}")
+    spec["tokens"] = {
+        "questions": {f: ids(tail.replace("{question}", q)) for f, q in spec["questions"].items()},
+        "candidates": {f: [ids(text) for _, text in c] for f, c in spec["candidates"].items()},
+        "prefix": {ds: {"sample": [ids(head + "Product: " + d["text"], bos=True) for d in data["sample"]],
+                        "extra": [ids(head + "Product: " + t, bos=True) for t in data["extra"]]}
+                   for ds, data in spec["datasets"].items()},
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
     print(f"written: {out / 'spec.json'}")
@@ -79,16 +98,18 @@ def run(spec_path: Path, gguf_dir: Path, gguf_file: str, out: Path, token_budget
     def ids(text: str, bos: bool = False) -> list[int]:
         return ([tok.bos_token_id] if bos else []) + tok(text, add_special_tokens=False)["input_ids"]
 
-    questions = {f: ids(tail.replace("{question}", q)) for f, q in spec["questions"].items()}
-    cands = {f: [ids(text) for _, text in c] for f, c in spec["candidates"].items()}
+    pre = spec.get("tokens")
+    questions = pre["questions"] if pre else {f: ids(tail.replace("{question}", q))
+                                              for f, q in spec["questions"].items()}
+    cands = pre["candidates"] if pre else {f: [ids(text) for _, text in c] for f, c in spec["candidates"].items()}
     values = {f: [v for v, _ in c] for f, c in spec["candidates"].items()}
 
     @torch.inference_mode()
-    def score(texts: list[str], fields: list[str]) -> list[dict[str, str]]:
+    def score(texts: list[str] | list[list[int]], fields: list[str]) -> list[dict[str, str]]:
         # rows: (tokens, [(position, target token, product, field, candidate)])
         rows: list[tuple[list[int], list[tuple[int, int, int, str, int]]]] = []
         for pi, text in enumerate(texts):
-            prefix = ids(head + text, bos=True)
+            prefix = text if isinstance(text, list) else ids(head + "Product: " + text, bos=True)
             for f in fields:
                 base = prefix + questions[f]
                 rows.append((base, [(len(base) - 1, c[0], pi, f, ci) for ci, c in enumerate(cands[f])]))
@@ -139,19 +160,22 @@ def run(spec_path: Path, gguf_dir: Path, gguf_file: str, out: Path, token_budget
         return out
 
     report: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                              "load_seconds": round(load_s, 1), "token_budget": token_budget, "datasets": {}}
+                              "transformers": __import__("transformers").__version__, "load_seconds": round(load_s, 1),
+                              "token_budget": token_budget, "llama_cpp_tokens": bool(pre), "datasets": {}}
     for ds, data in spec["datasets"].items():
         fields = data["fields"]
-        score([d["text"] for d in data["sample"][:8]], fields)  # warm-up
+        texts: Any = pre["prefix"][ds]["sample"] if pre else [d["text"] for d in data["sample"]]
+        extra: Any = pre["prefix"][ds]["extra"] if pre else data["extra"]
+        score(texts[:8], fields)  # warm-up
         t = time.perf_counter()
-        picks = score([d["text"] for d in data["sample"]], fields)
+        picks = score(texts, fields)
         sample_s = time.perf_counter() - t
         acc = {}
         for f in fields:
             pairs = [(p[f], d["gold"][f]) for p, d in zip(picks, data["sample"], strict=True) if f in d["gold"]]
             acc[f] = round(sum(a == b for a, b in pairs) / len(pairs), 3)
         t = time.perf_counter()
-        score(data["extra"], fields)
+        score(extra, fields)
         extra_s = time.perf_counter() - t
         report["datasets"][ds] = {
             "fields": fields, "sample_n": len(picks), "sample_accuracy_all": acc, "sample_seconds": round(sample_s, 2),
