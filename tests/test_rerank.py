@@ -146,7 +146,10 @@ def test_fit_recommend_and_explain_are_consistent(toy: tuple[TrainData, Path]) -
         assert set(e["matches"]["history"]) <= own & hist_labels
         assert e["matches"]["repurchase"] == (e["item_id"] in q.history)
         assert e["matches"]["profile"] == ["height_cm"] and e["matches"]["context"] == "wedding"
-        assert 0 <= e["score"] <= 1 and len(e["top_fields"]) == 3
+        assert 0 <= e["score"] <= 1 and 1 <= len(e["top_fields"]) <= 3
+        # Missing inputs (no weight, no age, no body type given) never explain anything.
+        named = {f for f, _ in e["top_fields"]} | {f for pair in e["top_pairs"] for f in pair[:2]}
+        assert not named & {"weight_b", "age_b", "body_type"}
         assert all(a in {"hist_std", "hist_re", "height_b", "weight_b", "age_b", "body_type", "context",
                          "hist_len_b"} for a, _, _ in e["top_pairs"])
     # i5 is in the history itself, so every one of its attributes matches the history.

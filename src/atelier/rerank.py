@@ -474,13 +474,19 @@ class RerankRecommender(Recommender):
         user_fields = {"hist_std", "hist_re", *USER_BUCKETS}
         hist_values = {self.vocab.std_token(int(i)) for i in self.feat.user_part(query)["hist_std"] if i}
         out = []
+        # A field whose input is missing (id 0: no weight given, empty history) still has a learned row,
+        # but "your missing weight" explains nothing: such fields are left out of the explanation.
+        present = torch.tensor([n in user_fields and bool(x[0, slice(*self.feat.layout[n])].any()) for n in names])
         for row, item in enumerate(items):
-            t = terms[row].clone()
+            here = present | torch.tensor([bool(x[row, slice(*self.feat.layout[n])].any()) and n not in user_fields
+                                           for n in names])
+            t = terms[row].clone() * (here[:, None] & here[None, :])
             t.fill_diagonal_(0)
             share = 0.5 * t.sum(1)  # (F,) each field's half of its pairs
-            fields = [(names[j], round(float(share[j]), 4)) for j in torch.argsort(share, descending=True)[:top]]
+            fields = [(names[j], round(float(share[j]), 4)) for j in torch.argsort(share, descending=True)
+                      if here[j]][:top]
             pairs = [(names[a], names[b], float(t[a, b])) for a in range(len(names)) for b in range(len(names))
-                     if names[a] in user_fields and names[b] not in user_fields]
+                     if names[a] in user_fields and names[b] not in user_fields and here[a] and here[b]]
             pairs.sort(key=lambda e: -e[2])
             label = self.feat.cat.labels[self.feat.cat.index[item]]
             matches = {"history": sorted(f"{f}={v}" for f, v in label.items() if (f, v) in hist_values),
