@@ -550,7 +550,7 @@ def evaluate_cmd(
 def enrich_cmd(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Ingested dataset: hm, rtr, myntra")] = "hm",
     limit: Annotated[int | None, typer.Option(help="Only the first N products")] = None,
-    backend: Annotated[str | None, typer.Option(help="embedded | openai | fake [env: ATELIER_LLM_BACKEND]")] = None,
+    backend: Annotated[str | None, typer.Option(help="embedded, hybrid, openai... [env: ATELIER_LLM_BACKEND]")] = None,
     full: Annotated[bool, typer.Option(help="Ask every field, also those the catalogue columns give")] = False,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
