@@ -14,7 +14,7 @@ import torch
 from atelier.baselines import PopularityRecommender
 from atelier.config import Settings
 from atelier.content import tower_config
-from atelier.models.item_tower import ItemTower, save_checkpoint
+from atelier.models.item_tower import ItemTower, load_checkpoint, save_checkpoint
 from atelier.models.ranker import RankerConfig, build_ranker, load_ranker, projection, transfer_embeddings
 from atelier.recommender import Query, TrainData
 from atelier.rerank import (
@@ -25,6 +25,7 @@ from atelier.rerank import (
     RerankRecommender,
     RerankTrainConfig,
     Rows,
+    encoded_tables,
     predict,
     ranker_path,
     rerank_suite,
@@ -32,7 +33,7 @@ from atelier.rerank import (
     training_rows,
 )
 from atelier.schema import load_schema
-from atelier.vocab import build_vocab
+from atelier.vocab import Vocab, build_vocab
 
 CATS = ["dress", "gown", "jumpsuit", "skirt", "top"]
 
@@ -128,6 +129,20 @@ def test_transfer_copies_exactly_the_vocabulary_rows(toy: tuple[TrainData, Path]
             torch.testing.assert_close(std[5] / info["scale"], state["emb_std.weight"][5])
         # The linear (first-order) tables are DeepCTR's own and stay untouched.
         assert model.linear_model.embedding_dict["std"].weight.shape[1] == 1
+
+
+def test_encoded_transfer_uses_the_tower_output_of_one_attribute_items(toy: tuple[TrainData, Path]) -> None:
+    _, ckpt = toy
+    tower, payload = load_checkpoint(ckpt)
+    vocab = Vocab.from_dict(payload["vocab"])
+    rid = vocab.re_id("hm.department_name", "Jersey Basic")
+    tables = encoded_tables(tower, vocab, np.array([0, rid]))
+    std, re_t = tables["emb_std.weight"], tables["emb_re.weight"]
+    assert std.shape == (vocab.std_size, tower.config.out_dim) and float(std[:4].abs().sum()) == 0
+    assert float(re_t[rid].abs().sum()) > 0 and float(re_t[rid + 1].abs().sum()) == 0  # only listed RE ids
+    black, white = vocab.std_id("color", "black"), vocab.std_id("color", "white")
+    assert not torch.allclose(std[black], std[white])
+    torch.testing.assert_close(std[4:].mean(0), torch.zeros(tower.config.out_dim), atol=1e-5, rtol=0)
 
 
 def test_fit_recommend_and_explain_are_consistent(toy: tuple[TrainData, Path]) -> None:

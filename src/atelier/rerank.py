@@ -259,6 +259,40 @@ class Featuriser:
         return x
 
 
+@torch.inference_mode()
+def encoded_tables(tower: Any, vocab: Vocab, re_ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """The tower's output vector for a one-attribute item per STD id (and per RE id in ``re_ids``), laid out
+    like its ``emb_std``/``emb_re`` tables (zeros elsewhere) so ``transfer_embeddings`` can copy them."""
+    from atelier.models.item_tower import ItemInputs
+    from atelier.vocab import PAD_ID, ItemTokens
+
+    def encode(std: list[tuple[int, int]], re_t: list[tuple[int, int, int]]) -> torch.Tensor:
+        n = max(len(std), len(re_t))
+        s = torch.tensor(std or [(PAD_ID, PAD_ID)] * n).reshape(n, 1, 2)  # (n, 1, [id, field])
+        r = torch.tensor(re_t or [(PAD_ID, PAD_ID, PAD_ID)] * n).reshape(n, 1, 3)  # (n, 1, [id, parent, field])
+        tokens = ItemTokens(s[..., 0], s[..., 1], s[..., 0] != PAD_ID, r[..., 0], r[..., 1], r[..., 2],
+                            r[..., 0] != PAD_ID)
+        text = torch.zeros(n, tower.config.n_text, tower.config.text_dim)
+        return tower.eval()(ItemInputs(tokens, text, torch.zeros(n, tower.config.n_text, dtype=torch.bool)))
+
+    out_dim = tower.config.out_dim
+    std_table = torch.zeros(vocab.std_size, out_dim)
+    ids = list(range(4, vocab.std_size))  # after [PAD] [MASK] [UNK] [CLS]
+    std_table[ids] = encode([(i, vocab.field_id(vocab.std_token(i)[0])) for i in ids], [])
+    re_table = torch.zeros(vocab.re_size, out_dim)
+    re_list = [int(i) for i in re_ids if i > 1]
+    if re_list:  # an RE value's field is unknown from its hash: parent and field stay [UNK]
+        from atelier.vocab import UNK_ID
+
+        re_table[re_list] = encode([], [(i, UNK_ID, UNK_ID) for i in re_list])
+    # Unit vectors of one tower share a large common direction; centring keeps only what tells them apart.
+    mean = std_table[ids].mean(0)
+    std_table[ids] -= mean
+    if re_list:
+        re_table[re_list] -= mean
+    return {"emb_std.weight": std_table, "emb_re.weight": re_table}
+
+
 def rank_scores(n: int) -> np.ndarray:
     """The retrieval-score input of a ranked list of ``n``: 1 for the first, falling linearly to 1/n."""
     return (1.0 - np.arange(n) / max(n, 1)).astype(np.float32)
@@ -408,6 +442,7 @@ class RerankRecommender(Recommender):
         self.name = name or f"rerank({retriever.name})"  # type: ignore[misc]
 
     def _setup(self, data: TrainData) -> dict[str, torch.Tensor]:
+        """Vocabulary, config, model and featuriser; returns the tables to transfer from."""
         from atelier.models.item_tower import load_checkpoint
 
         tower, payload = load_checkpoint(self.item_checkpoint)
@@ -418,6 +453,9 @@ class RerankRecommender(Recommender):
         self.model = build_ranker(self.cfg)
         cat = Catalogue.build(data.items, data.dataset, self.vocab, self.cfg, self.enriched)
         self.feat = Featuriser(self.cfg, cat, ProfileStats.build(data.users), self.model.feature_index)
+        if self.cfg.transfer_source == "encoded":
+            return encoded_tables(tower, self.vocab, np.unique(cat.re))
+        assert self.cfg.transfer_source == "table", f"unknown transfer source {self.cfg.transfer_source!r}"
         return {k: v.detach() for k, v in tower.state_dict().items()}
 
     def fit(self, data: TrainData) -> Self:

@@ -54,6 +54,9 @@ class RankerConfig:
     dropout: float = 0.1
     l2_embedding: float = 1e-6  # DeepCTR's default 1e-5 pulls the transferred rows back to 0 quickly
     transfer: bool = True  # start std/re tables from the item tower (False = random, the ablation)
+    # "table": the tower's emb_std/emb_re rows; "encoded": the tower's output vector of a one-attribute item
+    # (the hm tower's tables barely moved from their init in training: its structure lives in the encoder)
+    transfer_source: str = "table"
     init_scale: float = 0.03  # per-coordinate std of the std/re tables at start (transferred or random)
     seed: int = 0
     dense: tuple[str, ...] = field(default_factory=lambda: DENSE)
