@@ -289,7 +289,7 @@ def test_log_popularity_overall_and_per_segment_columns() -> None:
     log = pd.DataFrame({"user_id": list("abcde"), "item_id": ["x", "x", "x", "y", "z"], "ts": ts,
                         "occasion": ["Wedding", "wedding ", "party", "party", None]})
     index = {"x": 0, "y": 1, "z": 2, "w": 3}
-    b = log_popularity(log, index, window_days=5, segments=("wedding", "party"))
+    b = log_popularity(log, index, window_days=5, segments=("wedding", "party"), segment_window_days=5)
     # The 2020-01-01 row is outside the 5-day window; occasions match case- and space-insensitively.
     expected = np.log1p([[2, 1, 1], [1, 0, 1], [1, 0, 0], [0, 0, 0]])
     assert np.allclose(b, expected)
@@ -297,3 +297,6 @@ def test_log_popularity_overall_and_per_segment_columns() -> None:
     assert bias_segments(log.drop(columns="occasion")) == ()
     keys = retrieval_keys(np.eye(4, dtype=np.float32), b)
     assert keys.shape == (4, 7) and np.allclose(keys[:, 4:], b)
+    # Segment columns may count a longer window than the overall column.
+    wide = log_popularity(log, index, window_days=5, segments=("wedding",), segment_window_days=None)
+    assert np.allclose(wide[:, 0], expected[:, 0]) and np.allclose(wide[:, 1], np.log1p([2, 0, 0, 0]))

@@ -238,21 +238,25 @@ def bias_segments(interactions: pd.DataFrame, max_segments: int = 16, min_count:
 
 def log_popularity(
     interactions: pd.DataFrame, item_index: dict[str, int], window_days: float | None = None,
-    segments: Sequence[str] = (),
+    segments: Sequence[str] = (), segment_window_days: float | None = None,
 ) -> np.ndarray:
-    """(n_items, 1 + len(segments)) float32 log(1 + interactions) per item over the log's last ``window_days``
-    (all when None): overall, then within each ``occasion`` segment. The ``b`` of the retrieval keys
-    ``[v, b]``; unknown and cold items get 0."""
-    log = interactions
-    if window_days is not None and len(log):
-        log = log[log["ts"] > log["ts"].max() - pd.Timedelta(days=window_days)]
-    rows = log["item_id"].astype(str).map(item_index)
-    known = rows.notna().to_numpy()
-    rows_np = rows[known].to_numpy(dtype=np.int64)
-    columns = [np.bincount(rows_np, minlength=len(item_index))]
+    """(n_items, 1 + len(segments)) float32 log(1 + interactions) per item: overall over the log's last
+    ``window_days``, then within each ``occasion`` segment over the last ``segment_window_days`` (None: the
+    whole log). The ``b`` of the retrieval keys ``[v, b]``; unknown and cold items get 0."""
+    def recent(days: float | None) -> tuple[pd.DataFrame, np.ndarray]:
+        log = interactions
+        if days is not None and len(log):
+            log = log[log["ts"] > log["ts"].max() - pd.Timedelta(days=days)]
+        rows = log["item_id"].astype(str).map(item_index)
+        known = rows.notna().to_numpy()
+        return log[known], rows[known].to_numpy(dtype=np.int64)
+
+    _, rows = recent(window_days)
+    columns = [np.bincount(rows, minlength=len(item_index))]
     if segments:
-        occasion = _segment(log["occasion"])[known].to_numpy(dtype=object)
-        columns += [np.bincount(rows_np[occasion == seg], minlength=len(item_index)) for seg in segments]
+        log, rows = recent(segment_window_days)
+        occasion = _segment(log["occasion"]).to_numpy(dtype=object)
+        columns += [np.bincount(rows[occasion == seg], minlength=len(item_index)) for seg in segments]
     return np.log1p(np.stack(columns, axis=1)).astype(np.float32)
 
 
@@ -551,7 +555,7 @@ class UserTowerRecommender(PopularityRecommender):
         # Popularity as it stood before the validation days, so validation does not see its own counts.
         window = kwargs.get("window_days", 3)
         bias = log_popularity(data.interactions[data.interactions["ts"] < val.ts.min()], index, window,
-                              model_cfg.bias_segments)
+                              model_cfg.bias_segments, model_cfg.segment_window_days)
         if cfg.basket_history:
             cut = val.ts.min()
             train = build_examples(data.interactions[data.interactions["ts"] < cut], index, data.users,
@@ -570,7 +574,9 @@ class UserTowerRecommender(PopularityRecommender):
         super().fit(data)
         if self.cache_dir is None:
             self.cache_dir = data.cache_dir
-        bias = log_popularity(data.interactions, self.item_index, self.window_days, self.model.config.bias_segments)
+        cfg = self.model.config
+        bias = log_popularity(data.interactions, self.item_index, self.window_days, cfg.bias_segments,
+                              cfg.segment_window_days)
         self.keys = retrieval_keys(self.item_vectors, bias if self.model.config.item_bias else None)
         return self
 

@@ -66,6 +66,7 @@ class UserTowerConfig:
     # Context values (RentTheRunway occasions) whose own popularity is one more key column each: the query
     # weighs "popular for weddings" when the context says wedding. Empty = overall popularity only.
     bias_segments: tuple[str, ...] = ()
+    segment_window_days: float | None = 180.0  # a segment's counts are thin: the occasion baseline's 180 days
 
     def __post_init__(self) -> None:
         if self.out_dim is None:
