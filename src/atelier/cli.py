@@ -314,7 +314,7 @@ def train_ranker_cmd(
     dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
     retriever: Annotated[str, typer.Option(help="Candidate source: content (item-tower kNN) or two-tower")] = "content",
     epochs: Annotated[int, typer.Option(help="Passes over the reranker's rows")] = 3,
-    max_users: Annotated[int, typer.Option(help="Label-window users sampled for training rows")] = 3000,
+    max_users: Annotated[int, typer.Option(help="Label-window users sampled for training rows")] = 20000,
     random_init: Annotated[bool, typer.Option(help="Ablation: random embeddings instead of the item tower's")] = False,
     seed: int = 0,
     data_dir: DataDirOpt = None,
