@@ -116,6 +116,11 @@ def test_service_serves_two_tower_and_indexes_new_products_in_its_keys(trained: 
             assert answer.status_code == 200, answer.text
             body = answer.json()
             assert body["stage"] == "two_tower" and len(body["items"]) == 5
+            # Free-text contexts are encoded in memory: no cache file per request.
+            before = sorted((trained.run_dir / "features").glob("minilm-*.npy"))
+            anonymous = client.post("/recommend", json={"context": "linen trousers for a summer wedding", "k": 5})
+            assert anonymous.status_code == 200 and anonymous.json()["stage"] == "two_tower"
+            assert sorted((trained.run_dir / "features").glob("minilm-*.npy")) == before
             created = client.post("/items", json=product("tt-new-1"), headers={"X-API-Key": API_KEY})
             assert created.status_code in (200, 201), created.text
         model_id = two_tower_model_id(trained, "hm")

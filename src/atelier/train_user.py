@@ -525,6 +525,9 @@ class UserTowerRecommender(PopularityRecommender):
         self.cache_dir, self.batch_users = cache_dir, batch_users
         self.history: dict[str, Any] = {}
         self.keys: np.ndarray | None = None  # [v, b] retrieval keys, set by ``fit`` (b changes with the log)
+        # Context texts -> MiniLM vectors; None = ``encode_texts`` cached under ``cache_dir`` (fine for the
+        # harness's few occasions; a service sets an in-memory encoder so free text writes no files).
+        self.context_encoder: EncodeFn | None = None
         if name:
             self.name = name  # type: ignore[misc]
 
@@ -582,8 +585,8 @@ class UserTowerRecommender(PopularityRecommender):
 
     def inputs(self, queries: Sequence[Query]) -> UserInputs:
         """Tower inputs for queries (parts in ``drop`` hidden)."""
-        return user_inputs_for(queries, self.item_index, self.item_vectors,
-                               partial(encode_texts, cache_dir=self.cache_dir), self.stats, self.body_vocab,
+        encode = self.context_encoder or partial(encode_texts, cache_dir=self.cache_dir)
+        return user_inputs_for(queries, self.item_index, self.item_vectors, encode, self.stats, self.body_vocab,
                                self.model.config.max_history, self.drop)
 
     def user_vectors(self, queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray]:

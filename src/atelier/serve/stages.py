@@ -328,6 +328,19 @@ class TwoTowerStage:
         self.store = store
         self.model_id = model_id
         self.retriever = retriever
+        self._contexts: dict[str, np.ndarray] = {}
+        retriever.context_encoder = self.encode_contexts  # free text: memory, not a cache file per request
+
+    def encode_contexts(self, texts: list[str]) -> np.ndarray:
+        """MiniLM vectors of context texts, remembered in a bounded in-memory table."""
+        from atelier.text import encode_texts
+
+        missing = [t for t in texts if t not in self._contexts]
+        if missing:
+            if len(self._contexts) > 512:  # bounded: contexts are free text
+                self._contexts.clear()
+            self._contexts.update(zip(missing, encode_texts(missing), strict=True))
+        return np.stack([self._contexts[t] for t in texts])
 
     def available(self) -> str | None:
         """Needs a reachable store."""
