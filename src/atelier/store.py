@@ -80,6 +80,27 @@ COPY_CHUNK = 8192  # rows validated and written per step; also the progress gran
 SCHEMA_LOCK = "atelier.schema"  # advisory-lock key: one process migrates at a time
 
 
+def filter_clauses(f: SearchFilters, prefix: str = "") -> tuple[list[sql.Composable], dict[str, Any]]:
+    """SQL predicates on the ``items`` columns (named ``prefix`` + column) and their parameters."""
+    clauses: list[sql.Composable] = []
+    params: dict[str, Any] = {}
+    if f.categories:
+        clauses.append(sql.SQL(f"{prefix}category = ANY(%(categories)s)"))
+        params["categories"] = list(f.categories)
+    if f.genders:
+        clauses.append(sql.SQL(f"{prefix}gender = ANY(%(genders)s)"))
+        params["genders"] = list(f.genders)
+    if f.min_price is not None:
+        clauses.append(sql.SQL(f"{prefix}price >= %(min_price)s"))
+        params["min_price"] = f.min_price
+    if f.max_price is not None:
+        clauses.append(sql.SQL(f"{prefix}price <= %(max_price)s"))
+        params["max_price"] = f.max_price
+    if f.in_stock_only:
+        clauses.append(sql.SQL(f"{prefix}in_stock IS NOT FALSE"))
+    return clauses, params
+
+
 class StoreError(RuntimeError):
     """The vector store cannot do what was asked; the message says why and what to do."""
 
@@ -988,23 +1009,7 @@ class _SearchPlan:
         return int(min(MAX_EF_SEARCH, max(cfg.min_ef_search, limit, math.ceil(limit * factor))))
 
     def _where(self) -> tuple[list[sql.Composable], dict[str, Any]]:
-        f = self.filters
-        clauses: list[sql.Composable] = []
-        params: dict[str, Any] = {}
-        if f.categories:
-            clauses.append(sql.SQL("i.category = ANY(%(categories)s)"))
-            params["categories"] = list(f.categories)
-        if f.genders:
-            clauses.append(sql.SQL("i.gender = ANY(%(genders)s)"))
-            params["genders"] = list(f.genders)
-        if f.min_price is not None:
-            clauses.append(sql.SQL("i.price >= %(min_price)s"))
-            params["min_price"] = f.min_price
-        if f.max_price is not None:
-            clauses.append(sql.SQL("i.price <= %(max_price)s"))
-            params["max_price"] = f.max_price
-        if f.in_stock_only:
-            clauses.append(sql.SQL("i.in_stock IS NOT FALSE"))
+        clauses, params = filter_clauses(self.filters, "i.")
         if self.exclude_ids:
             clauses.append(sql.SQL("v.item_id <> ALL(%(exclude)s)"))
             params["exclude"] = self.exclude_ids

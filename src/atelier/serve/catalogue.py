@@ -14,7 +14,7 @@ import numpy as np
 from psycopg import sql
 
 from atelier.serve.schemas import Item
-from atelier.store import SearchFilters, VectorStore
+from atelier.store import SearchFilters, VectorStore, filter_clauses
 
 
 def to_item(item_id: str, item: dict[str, Any] | None) -> Item:
@@ -71,20 +71,9 @@ def search_items(
         clauses.append(sql.SQL("(title ILIKE {p} OR item->'service'->>'description' ILIKE {p})").format(
             p=sql.Placeholder(f"w{n}")))
         params[f"w{n}"] = f"%{_escape_like(word)}%"
-    if filters.categories:
-        clauses.append(sql.SQL("category = ANY(%(categories)s)"))
-        params["categories"] = list(filters.categories)
-    if filters.genders:
-        clauses.append(sql.SQL("gender = ANY(%(genders)s)"))
-        params["genders"] = list(filters.genders)
-    if filters.min_price is not None:
-        clauses.append(sql.SQL("price >= %(min_price)s"))
-        params["min_price"] = filters.min_price
-    if filters.max_price is not None:
-        clauses.append(sql.SQL("price <= %(max_price)s"))
-        params["max_price"] = filters.max_price
-    if filters.in_stock_only:
-        clauses.append(sql.SQL("in_stock IS NOT FALSE"))
+    more, more_params = filter_clauses(filters)
+    clauses += more
+    params.update(more_params)
     if colors:
         clauses.append(sql.SQL("item->'clothes'->'color' ?| %(colors)s"))
         params["colors"] = list(colors)
