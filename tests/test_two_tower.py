@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from atelier.cli import app
 from atelier.config import Settings
 from atelier.recommender import Query
+from atelier.serve.stages import StageRequest
 from atelier.store import open_store
 from atelier.train_user import TrainUserConfig
 from atelier.two_tower import (
@@ -112,14 +113,16 @@ def test_service_serves_two_tower_and_indexes_new_products_in_its_keys(trained: 
         log = pd.read_parquet(trained.dataset_dir("hm") / "interactions.parquet")
         user = str(log["user_id"].iloc[0])
         with TestClient(create_app(settings, service=service)) as client:
+            # A known user: content serves first (see PREFERENCE); a body profile alone: the user tower.
             answer = client.post("/recommend", json={"user_id": user, "k": 5})
-            assert answer.status_code == 200, answer.text
-            body = answer.json()
-            assert body["stage"] == "two_tower" and len(body["items"]) == 5
-            # Free-text contexts are encoded in memory: no cache file per request.
+            assert answer.status_code == 200 and answer.json()["stage"] == "content", answer.text
+            profile_only = client.post("/recommend", json={"profile": {"height_cm": 168, "age": 30}, "k": 5})
+            assert profile_only.status_code == 200, profile_only.text
+            assert profile_only.json()["stage"] == "two_tower" and len(profile_only.json()["items"]) == 5
+            # Free-text contexts reach the user tower through an in-memory table: no cache file per request.
+            stage = next(st for st in service.stages if st.name == "two_tower")
             before = sorted((trained.run_dir / "features").glob("minilm-*.npy"))
-            anonymous = client.post("/recommend", json={"context": "linen trousers for a summer wedding", "k": 5})
-            assert anonymous.status_code == 200 and anonymous.json()["stage"] == "two_tower"
+            assert stage.recommend(StageRequest(k=5, context="linen trousers for a summer wedding"))
             assert sorted((trained.run_dir / "features").glob("minilm-*.npy")) == before
             created = client.post("/items", json=product("tt-new-1"), headers={"X-API-Key": API_KEY})
             assert created.status_code in (200, 201), created.text
