@@ -169,7 +169,6 @@ def index_stage(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Load a dataset's item vectors and item JSON into pgvector, build HNSW, verify; remember the model id."""
-    import json
 
     from atelier.store import index_vectors
 
@@ -182,10 +181,18 @@ def index_stage(
     report = index_vectors(settings, model_id, ids, blob["vectors"], [by_id[i] for i in ids if i in by_id],
                            progress=progress)
     report["model_id"] = model_id
-    pointer = settings.run_dir / "index" / f"{dataset}.json"
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    pointer.write_text(json.dumps(report, indent=2, default=str))
+    write_pointer(settings.run_dir / "index" / f"{dataset}.json", report)
     return report
+
+
+def write_pointer(path: Path, report: dict[str, Any]) -> None:
+    """Write an index report (the live model id with its figures) atomically: temp file, then rename."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(path)
 
 
 def current_model_id(settings: Settings, dataset: str) -> str:

@@ -533,9 +533,12 @@ class UserTowerRecommender(PopularityRecommender):
 
     @classmethod
     def from_checkpoint(cls, path: Path, item_ids: Sequence[str], item_vectors: np.ndarray, **kwargs: Any) -> Self:
-        """A recommender from a saved user tower and the item vectors it was trained against."""
+        """A recommender from a saved user tower and the item vectors it was trained against (with the
+        training history the checkpoint carries, if any)."""
         model, payload = load_user_checkpoint(path)
-        return cls(item_ids, item_vectors, model, payload["profile_stats"], payload["body_vocab"], **kwargs)
+        rec = cls(item_ids, item_vectors, model, payload["profile_stats"], payload["body_vocab"], **kwargs)
+        rec.history = payload.get("history", {})
+        return rec
 
     @classmethod
     def from_training(

@@ -22,13 +22,15 @@ import numpy as np
 
 from atelier.config import Settings
 from atelier.evaluate import POPULARITY_WINDOW_DAYS
-from atelier.models.user_tower import UserTowerConfig, load_user_checkpoint, save_user_checkpoint
+from atelier.models.user_tower import UserTowerConfig, save_user_checkpoint
 from atelier.recommender import Query, Recommender, TrainData
 from atelier.store import SearchFilters, VectorStore
 from atelier.train_user import ProgressFn, TrainUserConfig, UserTowerRecommender
 
-# An item's popularity b counts the same days of the log as the popularity baseline.
-BIAS_WINDOW_DAYS = POPULARITY_WINDOW_DAYS
+
+def bias_window(dataset: str) -> float:
+    """Days of the log whose interactions make an item's popularity b: the popularity baseline's."""
+    return POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
 
 
 def user_checkpoint_path(settings: Settings, dataset: str) -> Path:
@@ -107,7 +109,6 @@ class TwoTowerRecommender(Recommender):
                                 "drop": self.cfg.drop, "name": self.name}
         if path.is_file():
             rec = UserTowerRecommender.from_checkpoint(path, ids, vectors, cache_dir=data.cache_dir, **opts).fit(data)
-            rec.history = load_user_checkpoint(path)[1].get("history", {})
         else:
             rec = UserTowerRecommender.from_training(data, ids, vectors, self.cfg, model_cfg, self.progress, **opts)
             save_user_checkpoint(rec.model, path, rec.stats, rec.body_vocab, file_id(self.item_checkpoint),
@@ -132,7 +133,7 @@ def two_tower_suite(settings: Settings, dataset: str, cfg: TrainUserConfig | Non
     except FileNotFoundError:
         return []
     cfg = cfg or TrainUserConfig()
-    window = BIAS_WINDOW_DAYS.get(dataset, 7.0)
+    window = bias_window(dataset)
     suite: list[Recommender] = [TwoTowerRecommender(item_ckpt, cfg=cfg, window_days=window)]
     if ablations:
         for part in ("history", "context", "profile"):
@@ -154,7 +155,7 @@ def train_user_stage(settings: Settings, dataset: str, cfg: TrainUserConfig,
     split = time_split(dataset, interactions)
     data = TrainData(dataset, items, split.train.reset_index(drop=True), users, settings.run_dir / "features")
     rec = TwoTowerRecommender(item_tower_for(settings, dataset), cfg=cfg,
-                              window_days=BIAS_WINDOW_DAYS.get(dataset, 7.0), progress=progress).fit(data)
+                              window_days=bias_window(dataset), progress=progress).fit(data)
     assert rec.checkpoint is not None and rec.retriever is not None
     out = user_checkpoint_path(settings, dataset)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,17 +173,17 @@ def two_tower_pointer(settings: Settings, dataset: str) -> Path:
     return settings.run_dir / "index" / f"{dataset}-two_tower.json"
 
 
-def serving_retriever(settings: Settings, dataset: str) -> UserTowerRecommender:
-    """The saved user tower of a dataset with retrieval keys from the whole log (today's popularity)."""
+def serving_retriever(settings: Settings, dataset: str, data: TrainData | None = None) -> UserTowerRecommender:
+    """The saved user tower of a dataset with retrieval keys from the whole log (today's popularity);
+    ``data`` is the dataset's whole log when the caller has it loaded already."""
     from atelier.ingest import load_tables
 
-    path = user_checkpoint_path(settings, dataset)
-    items, interactions, users = load_tables(settings.dataset_dir(dataset))
-    data = TrainData(dataset, items, interactions, users, settings.run_dir / "features")
+    if data is None:
+        data = TrainData(dataset, *load_tables(settings.dataset_dir(dataset)), settings.run_dir / "features")
     ids = data.items["item_id"].astype(str).tolist()
     vectors = TwoTowerRecommender(item_tower_for(settings, dataset)).item_vectors(data)
-    return UserTowerRecommender.from_checkpoint(path, ids, vectors, window_days=BIAS_WINDOW_DAYS.get(dataset, 7.0),
-                                                cache_dir=data.cache_dir).fit(data)
+    return UserTowerRecommender.from_checkpoint(user_checkpoint_path(settings, dataset), ids, vectors,
+                                                window_days=bias_window(dataset), cache_dir=data.cache_dir).fit(data)
 
 
 def index_user_stage(settings: Settings, dataset: str, progress: Callable[[str, int, int], None] | None = None,
@@ -191,7 +192,7 @@ def index_user_stage(settings: Settings, dataset: str, progress: Callable[[str, 
     record the model id, so a shopper's top 100 is one store query. Without ``force``, a checkpoint that
     is already indexed is left as it is (the popularity column is then as of that indexing)."""
     from atelier.catalogue import column_items
-    from atelier.content import file_id
+    from atelier.content import file_id, write_pointer
     from atelier.ingest import load_tables
     from atelier.store import index_vectors
 
@@ -201,15 +202,14 @@ def index_user_stage(settings: Settings, dataset: str, progress: Callable[[str, 
         previous: dict[str, Any] = json.loads(pointer.read_text())
         if previous.get("model_id") == model_id and previous.get("ok"):
             return {**previous, "reused": True}
-    retriever = serving_retriever(settings, dataset)
+    data = TrainData(dataset, *load_tables(settings.dataset_dir(dataset)), settings.run_dir / "features")
+    retriever = serving_retriever(settings, dataset, data)
     assert retriever.keys is not None
     ids = [str(i) for i in retriever.item_ids]
-    items = column_items(load_tables(settings.dataset_dir(dataset))[0], dataset)
-    report = index_vectors(settings, model_id, ids, retriever.keys, items, progress=progress)
+    report = index_vectors(settings, model_id, ids, retriever.keys, column_items(data.items, dataset),
+                           progress=progress)
     report["model_id"] = model_id
-    tmp = pointer.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(pointer)
+    write_pointer(pointer, report)
     return report
 
 
