@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from atelier.atomic import atomic_write
 from atelier.vocab import ItemTokens
 
 CHECKPOINT_FORMAT = 1
@@ -129,9 +130,8 @@ def save_checkpoint(model: ItemTower, path: Path, vocab: dict[str, Any], extra: 
         "format": CHECKPOINT_FORMAT, "kind": "item_tower", "config": asdict(model.config), "vocab": vocab,
         "schema_version": vocab.get("schema_version", ""), "state_dict": model.state_dict(), **extra,
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
 
 
 class CheckpointError(ValueError):
@@ -158,10 +158,13 @@ def read_payload(path: Path, kind: str, fmt: int, device: str = "cpu") -> dict[s
 def load_checkpoint(path: Path, device: str = "cpu") -> tuple[ItemTower, dict[str, Any]]:
     """Rebuild the tower from a checkpoint file alone; returns the model (eval mode) and the payload."""
     payload = read_payload(path, "item_tower", CHECKPOINT_FORMAT, device)
-    model = ItemTower(ItemTowerConfig(**payload["config"]))
+    missing = [k for k in ("config", "vocab", "state_dict") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: item tower checkpoint lacks {missing}")
     try:
+        model = ItemTower(ItemTowerConfig(**payload["config"]))
         model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
+    except (TypeError, RuntimeError, AssertionError) as exc:
         raise CheckpointError(f"{path}: weights do not match the config: {exc}") from None
     return model.to(device).eval(), payload
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from atelier.atomic import atomic_write
+
 RANKER_FORMAT = 1
 
 # Item STD fields that get their own FM field (first value); every other STD value goes to ``item_std``.
@@ -149,9 +151,8 @@ def save_ranker(model: Any, cfg: RankerConfig, path: Path, extra: dict[str, Any]
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": RANKER_FORMAT, "kind": "ranker", "config": asdict(cfg), "state_dict": model.state_dict(),
                **extra}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
 
 
 def load_ranker(path: Path) -> tuple[Any, RankerConfig, dict[str, Any]]:

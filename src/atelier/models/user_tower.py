@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from atelier.atomic import atomic_write
 from atelier.models.item_tower import CheckpointError, read_payload
 
 CHECKPOINT_FORMAT = 1
@@ -298,9 +299,8 @@ def save_user_checkpoint(
         "profile_stats": stats.to_dict(), "body_vocab": dict(body_vocab), "item_checkpoint_id": item_checkpoint_id,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **(extra or {}),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
 
 
 def load_user_checkpoint(path: Path, device: str = "cpu") -> tuple[UserTower, dict[str, Any]]:
