@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
 
+from atelier.atomic import atomic_write
 from atelier.mapping import available_mappings, coverage, load_mapping, map_columns, unmapped_values
 from atelier.schema import ItemJSON, Schema, Service, load_schema
 
@@ -61,9 +61,6 @@ def coverage_report(
 
 def write_items_jsonl(items: list[ItemJSON], path: Path) -> None:
     """Write item JSON lines atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_write(path, "w") as fh:
         for item in items:
             fh.write(json.dumps(item.model_dump(mode="json"), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from atelier.atomic import atomic_write, write_json, write_text
 from atelier.baselines import VectorKNNRecommender
 from atelier.catalogue import column_items
 from atelier.config import Settings
@@ -103,11 +104,9 @@ def encode_stage(settings: Settings, dataset: str, checkpoint: Path | None = Non
     vectors = encode_items(model, catalogue_inputs(items, dataset, vocab, settings.run_dir / "features"))
     ckpt_id = file_id(checkpoint)
     out = settings.run_dir / "vectors" / dataset / f"{ckpt_id}.npz"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.npz")
-    np.savez(tmp, item_ids=np.asarray(items["item_id"].astype(str).tolist(), dtype=str), vectors=vectors,
-             checkpoint_id=np.array(ckpt_id))
-    os.replace(tmp, out)
+    with atomic_write(out) as fh:
+        np.savez(fh, item_ids=np.asarray(items["item_id"].astype(str).tolist(), dtype=str), vectors=vectors,
+                 checkpoint_id=np.array(ckpt_id))
     return out
 
 
@@ -151,8 +150,7 @@ def neighbour_report(
             f"<tr><th>item</th><th>by</th>{''.join(f'<th>#{r + 1}</th>' for r in range(k))}</tr>"
             + "".join(rows) + "</table>")
     out = settings.run_dir / "reports" / f"{dataset}_neighbours.html"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    write_text(out, page)
     return out
 
 
@@ -187,12 +185,7 @@ def index_stage(
 
 def write_pointer(path: Path, report: dict[str, Any]) -> None:
     """Write an index report (the live model id with its figures) atomically: temp file, then rename."""
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str))
-    tmp.replace(path)
+    write_json(path, report, indent=2, default=str)
 
 
 def current_model_id(settings: Settings, dataset: str) -> str:

@@ -15,7 +15,6 @@ Definitions (DESIGN.md section 8):
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from atelier.atomic import atomic_write, write_json
 from atelier.ingest import IngestError, load_manifest, load_tables, read_interactions_file
 from atelier.metrics import cold_item_recall, coverage, score_users, summarise
 from atelier.recommender import Query, Recommender, RepurchaseFirst, TrainData
@@ -208,9 +208,7 @@ def write_report(report: dict[str, object], out_dir: Path) -> Path:
     """Write ``<dataset>.json`` atomically plus PNG plots; returns the JSON path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{report['dataset']}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=float))
-    os.replace(tmp, path)
+    write_json(path, report, indent=2, default=float)
     plot_report(report, out_dir)
     return path
 
@@ -237,7 +235,8 @@ def plot_report(report: dict[str, object], out_dir: Path) -> list[Path]:
     fig.suptitle(f"{report['dataset']}: all test users")
     fig.tight_layout()
     paths = [out_dir / f"{report['dataset']}_metrics.png"]
-    fig.savefig(paths[0], dpi=110)
+    with atomic_write(paths[0]) as fh:
+        fig.savefig(fh, dpi=110, format="png")
     plt.close(fig)
 
     cohorts = ["all", "with_history", "without_history"]
@@ -257,7 +256,8 @@ def plot_report(report: dict[str, object], out_dir: Path) -> list[Path]:
     ax_cold.set_title("cold items (no training interaction)")
     fig.tight_layout()
     paths.append(out_dir / f"{report['dataset']}_cohorts.png")
-    fig.savefig(paths[1], dpi=110)
+    with atomic_write(paths[1]) as fh:
+        fig.savefig(fh, dpi=110, format="png")
     plt.close(fig)
     return paths
 

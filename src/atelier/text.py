@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from atelier.atomic import atomic_write
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -88,10 +90,8 @@ def encode_texts(
             progress(min(start + chunk, len(unique)), len(unique))
     vectors = out[inverse.reshape(-1)]
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp.npy")
-        np.save(tmp, vectors)
-        os.replace(tmp, cache_file)
+        with atomic_write(cache_file) as fh:
+            np.save(fh, vectors)
     return vectors
 
 

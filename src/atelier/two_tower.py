@@ -20,6 +20,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from atelier.atomic import atomic_write
 from atelier.config import Settings
 from atelier.evaluate import POPULARITY_WINDOW_DAYS
 from atelier.models.user_tower import UserTowerConfig, save_user_checkpoint
@@ -158,10 +159,8 @@ def train_user_stage(settings: Settings, dataset: str, cfg: TrainUserConfig,
                               window_days=bias_window(dataset), progress=progress).fit(data)
     assert rec.checkpoint is not None and rec.retriever is not None
     out = user_checkpoint_path(settings, dataset)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".pt.tmp")
-    shutil.copyfile(rec.checkpoint, tmp)
-    tmp.replace(out)
+    with atomic_write(out) as fh, rec.checkpoint.open("rb") as src:
+        shutil.copyfileobj(src, fh)
     return out, rec.retriever.history
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from atelier.atomic import write_json
 from atelier.schema import ItemJSON, Schema, normalise_text
 
 PAD, MASK, UNK, CLS = "[PAD]", "[MASK]", "[UNK]", "[CLS]"
@@ -137,10 +137,7 @@ class Vocab:
 
     def save(self, path: Path) -> None:
         """Write vocab.json atomically (temp file + rename)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False))
-        os.replace(tmp, path)
+        write_json(path, self.to_dict(), indent=1, ensure_ascii=False)
 
     @classmethod
     def load(cls, path: Path) -> Vocab:

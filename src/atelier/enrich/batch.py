@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from atelier.atomic import atomic_write, write_json
 from atelier.enrich.base import Extractor
 from atelier.enrich.cache import EnrichCache
 from atelier.enrich.core import EnrichmentResult, EnrichOptions, cache_key, prepare, run_prepared
@@ -190,18 +191,12 @@ def enrich_dataset(settings: Settings, dataset: str, extractor: Extractor, limit
     report = settings.run_dir / "reports" / f"enrich-{dataset}.json"
     summary.outputs = {"items": str(out), "errors": str(errors_path), "summary": str(report),
                        "cache": str(cache_path(settings))}
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(json.dumps({**asdict(summary), "options": asdict(options)}, indent=2))
+    write_json(report, {**asdict(summary), "options": asdict(options)}, indent=2)
     return summary
 
 
 def _write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
     """Write JSON lines atomically (temp file + rename)."""
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    with atomic_write(path, "w") as fh:
         for rec in records:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
