@@ -14,7 +14,7 @@ import torch
 from atelier.baselines import PopularityRecommender
 from atelier.config import Settings
 from atelier.content import tower_config
-from atelier.models.item_tower import ItemTower, load_checkpoint, save_checkpoint
+from atelier.models.item_tower import CheckpointError, ItemTower, load_checkpoint, save_checkpoint
 from atelier.models.ranker import RankerConfig, build_ranker, load_ranker, projection, transfer_embeddings
 from atelier.recommender import Query, TrainData
 from atelier.rerank import (
@@ -26,6 +26,7 @@ from atelier.rerank import (
     RerankTrainConfig,
     Rows,
     encoded_tables,
+    load_scorer,
     predict,
     ranker_path,
     rerank_suite,
@@ -33,6 +34,7 @@ from atelier.rerank import (
     training_rows,
 )
 from atelier.schema import load_schema
+from atelier.serve.stages import RerankStage, Scored, StageRequest, StageSkip
 from atelier.vocab import Vocab, build_vocab
 
 CATS = ["dress", "gown", "jumpsuit", "skirt", "top"]
@@ -211,6 +213,57 @@ def test_checkpoint_round_trip(tmp_path: Path, toy: tuple[TrainData, Path]) -> N
     (entry,) = rerank_suite(settings, "rtr")
     assert isinstance(entry, RerankRecommender) and entry.cfg_overrides == rec.cfg and entry.tcfg == rec.tcfg
     assert entry.name == "rerank (occasion)"
+    # The serving loader rebuilds features from the tables and scores exactly as the fitted recommender.
+    scorer, payload = load_scorer(settings, "rtr", data)
+    assert payload["retriever"] == "occasion"
+    np.testing.assert_allclose(scorer.score(q, ["i1", "i2", "i3"]), before, rtol=1e-6)
+    ranker_path(settings, "rtr").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="ranker"):
+        load_scorer(settings, "rtr", data)
+
+
+def test_reorder_keeps_unknown_items_in_their_slot(toy: tuple[TrainData, Path]) -> None:
+    data, ckpt = toy
+    rec = RerankRecommender(PopularityRecommender(None), ckpt, cfg=RankerConfig(0, 0, embedding_dim=8),
+                            train=_tcfg(epochs=1, candidates=10)).fit(data)
+    q = Query("u3", history=("i1",))
+    order = rec.scorer.reorder(q, ["i1", "new-1", "i2", "i3", "new-2"])
+    assert [i for i, _ in order][1] == "new-1" and order[4] == ("new-2", None)
+    known = [(i, p) for i, p in order if p is not None]
+    assert sorted(i for i, _ in known) == ["i1", "i2", "i3"]
+    assert [p for _, p in known] == sorted((p for _, p in known), reverse=True)
+
+
+class ListStage:
+    """A retrieval stage serving a fixed list (or skipping when it has none)."""
+
+    def __init__(self, name: str, items: list[str]) -> None:
+        self.name, self.items = name, items
+
+    def available(self) -> str | None:
+        return None
+
+    def recommend(self, request: StageRequest) -> list[Scored]:
+        if not self.items:
+            raise StageSkip("nothing")
+        return [Scored(i, 1.0, self.name, f"from {self.name}") for i in self.items[: request.k]]
+
+
+def test_rerank_stage_reorders_the_first_serving_retriever(toy: tuple[TrainData, Path]) -> None:
+    data, ckpt = toy
+    rec = RerankRecommender(PopularityRecommender(None), ckpt, cfg=RankerConfig(0, 0, embedding_dim=8),
+                            train=_tcfg(epochs=1, candidates=10)).fit(data)
+    cands = [f"i{n}" for n in range(12)] + ["posted-today"]
+    stage = RerankStage(rec.scorer, [ListStage("content", []), ListStage("two_tower", cands)], candidates=13)
+    request = StageRequest(k=13, history=("i1",), profile={"height_cm": 170.0})
+    got = stage.recommend(request)
+    q = Query("request", history=("i1",), profile={"height_cm": 170.0})
+    assert [s.item_id for s in got] == [i for i, _ in rec.scorer.reorder(q, cands)]
+    assert all(s.stage == "rerank" and s.reason.startswith("from two_tower") for s in got)
+    assert got[-1].item_id == "posted-today" and got[-1].score is None and "reranker" not in got[-1].reason
+    assert all("reordered by the reranker" in s.reason for s in got[:-1])
+    with pytest.raises(StageSkip):
+        RerankStage(rec.scorer, [ListStage("content", [])]).recommend(request)
 
 
 def test_featuriser_marks_repurchases_and_retrieval_rank(toy: tuple[TrainData, Path]) -> None:

@@ -365,35 +365,55 @@ def recommend_cmd(
     context: Annotated[str | None, typer.Option(help="Occasion or intent, e.g. 'wedding'")] = None,
     k: Annotated[int, typer.Option("-k", min=1, max=100)] = 12,
     exclude_history: Annotated[bool, typer.Option(help="Leave out items the shopper already has")] = False,
+    rerank: Annotated[bool, typer.Option(help="Reorder the top 100 with the DeepFM reranker if trained")] = True,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
 ) -> None:
-    """Two-tower retrieval for a known user or an anonymous shopper (profile, context, items), from pgvector."""
+    """Three stages for a known user or an anonymous shopper (profile, context, items): the user tower's top
+    100 from pgvector, reordered by the DeepFM reranker (`atelier train ranker`), cut to k, with why."""
+    from atelier.rerank import field_label, load_scorer, ranker_path
     from atelier.store import describe_hits, open_store
     from atelier.two_tower import retrieve, serving_retriever, two_tower_model_id
 
     settings = _settings(data_dir, run_dir)
     profile = {"height_cm": height, "weight_kg": weight, "age": age, "body_type": body_type}
     query = _run(lambda: _query_for(settings, dataset, user, list(item or []), profile, context))
+    use_ranker = rerank and ranker_path(settings, dataset).is_file()
 
-    def answer() -> list[dict[str, object]]:
+    def answer() -> tuple[list[dict[str, object]], dict[str, str]]:
         model_id = two_tower_model_id(settings, dataset)
         retriever = serving_retriever(settings, dataset)
         with open_store(settings, pool_size=1) as store:
-            hits = retrieve(store, model_id, retriever, query, k, exclude_history=exclude_history)
-            return describe_hits(store, hits)
+            hits = retrieve(store, model_id, retriever, query, max(k, 100) if use_ranker else k,
+                            exclude_history=exclude_history)
+            why: dict[str, str] = {}
+            if use_ranker:
+                scorer, _ = load_scorer(settings, dataset)
+                hits = [(i, p if p is not None else float("nan")) for i, p in
+                        scorer.reorder(query, [i for i, _ in hits])[:k]]
+                for e in scorer.explain(query, [i for i, _ in hits]):
+                    matches = ", ".join(e["matches"]["history"][:3])
+                    pairs = ", ".join(f"{field_label(u)} x {field_label(i)}" for u, i, _ in e["top_pairs"][:2])
+                    why[e["item_id"]] = "; ".join(p for p in (f"shares {matches}" if matches else "",
+                                                              "bought before" if e["matches"]["repurchase"] else "",
+                                                              pairs) if p)
+            return describe_hits(store, hits), why
 
-    rows = _run(answer)
+    rows, why = _run(answer)
     parts = [f"{len(query.history)} items" if query.history else "",
              ", ".join(f"{key} {v}" for key, v in query.profile.items()), f"context '{context}'" if context else ""]
     known = "; ".join(p for p in parts if p) or "nothing known"
-    table = Table(title=f"two-tower top {k} for {query.user_id} ({known})")
-    for col in ("item_id", "score", "title", "category", "color", "gender"):
+    stages = "two-tower -> DeepFM" if use_ranker else "two-tower"
+    table = Table(title=f"{stages} top {k} for {query.user_id} ({known})")
+    columns = ("item_id", "score", "title", "category", "color", "gender") + (("why",) if use_ranker else ())
+    for col in columns:
         table.add_column(col)
     for h in rows:
         table.add_row(str(h["item_id"]), f"{h['score']:.3f}", str(h["title"]), str(h["category"]), str(h["color"]),
-                      str(h["gender"]))
+                      str(h["gender"]), *([why.get(str(h["item_id"]), "")] if use_ranker else []))
     console.print(table)
+    if rerank and not use_ranker:
+        console.print(f"(no reranker for {dataset}: `atelier train ranker -d {dataset}` adds the third stage)")
 
 
 @app.command("encode")

@@ -38,7 +38,7 @@ from atelier.models.ranker import (
     save_ranker,
     transfer_embeddings,
 )
-from atelier.recommender import Query, Recommender, TrainData, fill
+from atelier.recommender import Query, Recommender, TrainData
 from atelier.schema import normalise_text
 from atelier.vocab import Vocab
 
@@ -414,6 +414,81 @@ def predict(model: Any, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
 # --------------------------------------------------------------------------- the recommender
 
 
+@dataclass
+class Scorer:
+    """A fitted DeepFM with what it needs to score any retriever's candidates for a shopper: the featuriser
+    over the catalogue and popularity/recency as of the end of the log."""
+
+    model: Any
+    feat: Featuriser
+    stats: LogStats
+    vocab: Vocab
+
+    def score(self, query: Query, candidates: Sequence[str]) -> np.ndarray:
+        """Ranker probabilities of one query's retrieved candidates (in retrieval order; all in the catalogue)."""
+        x = self.feat.rows(query, candidates, rank_scores(len(candidates)), self.stats)
+        return predict(self.model, x)
+
+    def reorder(self, query: Query, candidates: Sequence[str]) -> list[tuple[str, float | None]]:
+        """The candidates best first with their probability. Items the ranker's catalogue lacks (products
+        posted after it was built) keep their retrieval slot with no score: it knows nothing of them, and
+        pushing them down would bury every new product."""
+        known = [c for c in candidates if c in self.feat.cat.index]
+        if not known:
+            return [(c, None) for c in candidates]
+        p = self.score(query, known)
+        best = iter([(known[i], float(p[i])) for i in np.argsort(-p, kind="stable")])
+        return [next(best) if c in self.feat.cat.index else (c, None) for c in candidates]
+
+    def explain(self, query: Query, items: Sequence[str], top: int = 3) -> list[dict[str, Any]]:
+        """Per item: score, its attributes matching the shopper's history/profile/context, and the fields
+        and user x item field pairs with the largest FM second-order terms."""
+        items = [i for i in items if i in self.feat.cat.index]
+        if not items:
+            return []
+        x = self.feat.rows(query, items, rank_scores(len(items)), self.stats)
+        p = predict(self.model, x)
+        with torch.inference_mode():
+            terms, names = fm_terms(self.model, torch.from_numpy(x))  # (n, F, F)
+        user_fields = {"hist_std", "hist_re", *USER_BUCKETS}
+        hist_values = {self.vocab.std_token(int(i)) for i in self.feat.user_part(query)["hist_std"] if i}
+        out = []
+        # A field whose input is missing (id 0: no weight given, empty history) still has a learned row,
+        # but "your missing weight" explains nothing: such fields are left out of the explanation.
+        present = torch.tensor([n in user_fields and bool(x[0, slice(*self.feat.layout[n])].any()) for n in names])
+        for row, item in enumerate(items):
+            here = present | torch.tensor([bool(x[row, slice(*self.feat.layout[n])].any()) and n not in user_fields
+                                           for n in names])
+            t = terms[row].clone() * (here[:, None] & here[None, :])
+            t.fill_diagonal_(0)
+            share = 0.5 * t.sum(1)  # (F,) each field's half of its pairs
+            fields = [(names[j], round(float(share[j]), 4)) for j in torch.argsort(share, descending=True)
+                      if here[j]][:top]
+            pairs = [(names[a], names[b], float(t[a, b])) for a in range(len(names)) for b in range(len(names))
+                     if names[a] in user_fields and names[b] not in user_fields and here[a] and here[b]]
+            pairs.sort(key=lambda e: -e[2])
+            label = self.feat.cat.labels[self.feat.cat.index[item]]
+            matches = {"history": sorted(f"{f}={v}" for f, v in label.items() if (f, v) in hist_values),
+                       "repurchase": item in set(query.history),
+                       "profile": sorted(k for k, v in query.profile.items() if v is not None),
+                       "context": query.context}
+            out.append({"item_id": item, "score": round(float(p[row]), 5), "matches": matches,
+                        "top_fields": fields, "top_pairs": [(a, b, round(v, 4)) for a, b, v in pairs[:top]]})
+        return out
+
+
+def field_label(field_name: str) -> str:
+    """A ranker field as a shopper reads it: ``hist_std`` -> "your items", ``item_color`` -> "its color"."""
+    names = {"hist_std": "your items", "hist_re": "your items' details", "item_std": "its other attributes",
+             "item_re": "its details", "context": "your occasion", "body_type": "your body type",
+             "hist_len_b": "how much you have bought"}
+    if field_name in names:
+        return names[field_name]
+    if field_name.startswith("item_"):
+        return "its " + field_name.removeprefix("item_").replace("_", " ")
+    return "your " + field_name.removesuffix("_b")
+
+
 class RerankRecommender(Recommender):
     """retrieve(``candidates``) -> DeepFM -> top-k, behind the harness interface.
 
@@ -477,63 +552,25 @@ class RerankRecommender(Recommender):
         self.stats = LogStats.build(data.interactions, self.feat.cat, window)
         return self
 
+    @property
+    def scorer(self) -> Scorer:
+        """The fitted model with its featuriser and log statistics."""
+        assert self.feat is not None and self.stats is not None and self.vocab is not None, "call fit() first"
+        return Scorer(self.model, self.feat, self.stats, self.vocab)
+
     def score(self, query: Query, candidates: Sequence[str]) -> np.ndarray:
         """Ranker probabilities of one query's retrieved candidates (in retrieval order)."""
-        assert self.feat is not None and self.stats is not None, "call fit() first"
-        x = self.feat.rows(query, candidates, rank_scores(len(candidates)), self.stats)
-        return predict(self.model, x)
+        return self.scorer.score(query, candidates)
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
         """Retrieve ``candidates`` per query, reorder them by the ranker, cut to k."""
-        assert self.feat is not None, "call fit() first"
+        scorer = self.scorer
         ranked = self.retriever.recommend(queries, max(k, self.tcfg.candidates))
-        out = []
-        for q, cands in zip(queries, ranked, strict=True):
-            known = [c for c in cands if c in self.feat.cat.index]
-            if not known:
-                out.append(cands[:k])
-                continue
-            p = self.score(q, known)
-            order = np.argsort(-p, kind="stable")
-            out.append(fill([known[i] for i in order], cands, k))
-        return out
+        return [[item for item, _ in scorer.reorder(q, cands)][:k] for q, cands in zip(queries, ranked, strict=True)]
 
     def explain(self, query: Query, items: Sequence[str], top: int = 3) -> list[dict[str, Any]]:
-        """Per item: score, its attributes matching the shopper's history/profile/context, and the fields
-        and user x item field pairs with the largest FM second-order terms."""
-        assert self.feat is not None and self.stats is not None and self.vocab is not None, "call fit() first"
-        items = [i for i in items if i in self.feat.cat.index]
-        if not items:
-            return []
-        x = self.feat.rows(query, items, rank_scores(len(items)), self.stats)
-        p = predict(self.model, x)
-        with torch.inference_mode():
-            terms, names = fm_terms(self.model, torch.from_numpy(x))  # (n, F, F)
-        user_fields = {"hist_std", "hist_re", *USER_BUCKETS}
-        hist_values = {self.vocab.std_token(int(i)) for i in self.feat.user_part(query)["hist_std"] if i}
-        out = []
-        # A field whose input is missing (id 0: no weight given, empty history) still has a learned row,
-        # but "your missing weight" explains nothing: such fields are left out of the explanation.
-        present = torch.tensor([n in user_fields and bool(x[0, slice(*self.feat.layout[n])].any()) for n in names])
-        for row, item in enumerate(items):
-            here = present | torch.tensor([bool(x[row, slice(*self.feat.layout[n])].any()) and n not in user_fields
-                                           for n in names])
-            t = terms[row].clone() * (here[:, None] & here[None, :])
-            t.fill_diagonal_(0)
-            share = 0.5 * t.sum(1)  # (F,) each field's half of its pairs
-            fields = [(names[j], round(float(share[j]), 4)) for j in torch.argsort(share, descending=True)
-                      if here[j]][:top]
-            pairs = [(names[a], names[b], float(t[a, b])) for a in range(len(names)) for b in range(len(names))
-                     if names[a] in user_fields and names[b] not in user_fields and here[a] and here[b]]
-            pairs.sort(key=lambda e: -e[2])
-            label = self.feat.cat.labels[self.feat.cat.index[item]]
-            matches = {"history": sorted(f"{f}={v}" for f, v in label.items() if (f, v) in hist_values),
-                       "repurchase": item in set(query.history),
-                       "profile": sorted(k for k, v in query.profile.items() if v is not None),
-                       "context": query.context}
-            out.append({"item_id": item, "score": round(float(p[row]), 5), "matches": matches,
-                        "top_fields": fields, "top_pairs": [(a, b, round(v, 4)) for a, b, v in pairs[:top]]})
-        return out
+        """See ``Scorer.explain``."""
+        return self.scorer.explain(query, items, top)
 
     def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
         """Checkpoint the ranker with the training history (the featuriser is rebuilt from the catalogue)."""
@@ -588,12 +625,40 @@ def train_ranker_stage(
     items, interactions, users = load_tables(settings.dataset_dir(dataset))
     split = time_split(dataset, interactions)
     data = TrainData(dataset, items, split.train.reset_index(drop=True), users, Path(settings.run_dir) / "features")
-    enriched = Path(settings.run_dir) / "items" / f"{dataset}.enriched.jsonl"
     rec = RerankRecommender(make_retriever(settings, dataset, retriever), item_tower_for(settings, dataset),
-                            cfg=cfg, train=tcfg, enriched=enriched, progress=progress).fit(data)
+                            cfg=cfg, train=tcfg, enriched=enriched_path(settings, dataset), progress=progress).fit(data)
     path = ranker_path(settings, dataset)
     rec.save(path, {"retriever": retriever, "dataset": dataset})
     return path, rec.history
+
+
+def load_scorer(settings: Any, dataset: str, data: TrainData | None = None) -> tuple[Scorer, dict[str, Any]]:
+    """A dataset's saved reranker ready to reorder served candidates, with its checkpoint's payload.
+
+    Features are built over the whole log (popularity and recency as a server knows them today) and the
+    catalogue the item tower's vocabulary reads; ``data`` is that log when the caller has it loaded.
+    CheckpointError (a ValueError) says what to run when the ranker is missing or does not match."""
+    from atelier.ingest import load_tables
+    from atelier.models.item_tower import CHECKPOINT_FORMAT, CheckpointError, read_payload
+    from atelier.two_tower import item_tower_for
+
+    path = ranker_path(settings, dataset)
+    model, cfg, payload = load_ranker(path)
+    vocab = Vocab.from_dict(read_payload(item_tower_for(settings, dataset), "item_tower", CHECKPOINT_FORMAT)["vocab"])
+    if (vocab.std_size, vocab.re_size) != (cfg.std_size, cfg.re_size):
+        raise CheckpointError(f"{path}: trained with another item tower's vocabulary; run `atelier train ranker "
+                              f"-d {dataset}` again")
+    if data is None:
+        data = TrainData(dataset, *load_tables(settings.dataset_dir(dataset)), Path(settings.run_dir) / "features")
+    cat = Catalogue.build(data.items, dataset, vocab, cfg, enriched_path(settings, dataset))
+    feat = Featuriser(cfg, cat, ProfileStats.build(data.users), model.feature_index)
+    stats = LogStats.build(data.interactions, cat, POPULARITY_WINDOW_DAYS.get(dataset, 7.0))
+    return Scorer(model, feat, stats, vocab), payload
+
+
+def enriched_path(settings: Any, dataset: str) -> Path:
+    """Enrichment output whose RE values the reranker reads as item fields (absent: columns only)."""
+    return Path(settings.run_dir) / "items" / f"{dataset}.enriched.jsonl"
 
 
 def rerank_suite(settings: Any, dataset: str) -> list[Recommender]:
@@ -604,12 +669,9 @@ def rerank_suite(settings: Any, dataset: str) -> list[Recommender]:
     path = ranker_path(settings, dataset)
     if not path.is_file():
         return []
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    raw = dict(payload["config"])
-    raw["dnn_hidden"], raw["dense"] = tuple(raw["dnn_hidden"]), tuple(raw["dense"])
+    _, cfg, payload = load_ranker(path)
     kind = str(payload.get("retriever", "content"))
     rec = RerankRecommender(make_retriever(settings, dataset, kind), item_tower_for(settings, dataset),
-                            cfg=RankerConfig(**raw), train=RerankTrainConfig(**payload["train"]),
-                            enriched=Path(settings.run_dir) / "items" / f"{dataset}.enriched.jsonl",
-                            name=f"rerank ({kind})")
+                            cfg=cfg, train=RerankTrainConfig(**payload["train"]),
+                            enriched=enriched_path(settings, dataset), name=f"rerank ({kind})")
     return [rec]

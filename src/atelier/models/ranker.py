@@ -157,12 +157,15 @@ def save_ranker(model: Any, cfg: RankerConfig, path: Path, extra: dict[str, Any]
 
 def load_ranker(path: Path) -> tuple[Any, RankerConfig, dict[str, Any]]:
     """Rebuild the ranker from its checkpoint alone: model (eval mode), config, payload."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or payload.get("kind") != "ranker" or payload.get("format") != RANKER_FORMAT:
-        raise ValueError(f"{path}: not a ranker checkpoint of format {RANKER_FORMAT}")
+    from atelier.models.item_tower import CheckpointError, read_payload
+
+    payload = read_payload(path, "ranker", RANKER_FORMAT)
     raw = dict(payload["config"])
     raw["dnn_hidden"], raw["dense"] = tuple(raw["dnn_hidden"]), tuple(raw["dense"])
     cfg = RankerConfig(**raw)
     model = build_ranker(cfg)
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the config: {exc}") from None
     return model.eval(), cfg, payload

@@ -11,10 +11,11 @@ yet are simply absent; adding one is ``register_stage("two_tower", factory)`` (s
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import psycopg
@@ -25,10 +26,15 @@ from atelier.serve.products import ItemEncoder
 from atelier.store import SearchFilters, StoreError, VectorStore
 from atelier.train_user import UserTowerRecommender
 
+if TYPE_CHECKING:
+    from atelier.rerank import Scorer
+
 # DESIGN.md puts two-tower before content; measured, it is not better yet: on H&M its top 12 is worse for
 # shoppers with history (MAP@12 0.044 vs 0.059), and a new product (no interactions, b = 0) never reaches its
 # top against popularity-weighted keys, which would break cold start. So content serves whoever gives items or
 # a context, and two-tower serves what content cannot: a shopper known only by a body profile.
+log = logging.getLogger("atelier.serve")
+
 PREFERENCE = ("rerank", "content", "two_tower", "popularity")
 
 
@@ -319,6 +325,7 @@ class StageContext:
     encoder: ItemEncoder | None
     popular: PopularLists
     profile_keys: Callable[[dict[str, object]], list[tuple[str, ...]]]
+    built: dict[str, Stage] = field(default_factory=dict)  # stages later in PREFERENCE, built first
 
 
 class TwoTowerStage:
@@ -369,6 +376,72 @@ class TwoTowerStage:
         return [Scored(item_id, score, self.name, reason) for item_id, score in hits]
 
 
+class RerankStage:
+    """The DeepFM reranker over the candidates of the first retrieval stage that serves (content, then
+    two-tower): it asks that stage for ``candidates`` items and reorders them. Products the ranker's
+    catalogue lacks (posted after it was built) keep their retrieval slot, so cold start is unchanged."""
+
+    name = "rerank"
+
+    def __init__(self, scorer: Scorer, retrievers: Sequence[Stage], candidates: int = 100) -> None:
+        self.scorer = scorer
+        self.retrievers = list(retrievers)
+        self.candidates = candidates
+
+    def available(self) -> str | None:
+        """Available while one of its retrievers is."""
+        if any(r.available() is None for r in self.retrievers):
+            return None
+        return "no retrieval stage available"
+
+    def recommend(self, request: StageRequest) -> list[Scored]:
+        """Top ``request.k`` of the first serving retriever's ``candidates``, reordered by the DeepFM."""
+        from atelier.recommender import Query
+        from atelier.rerank import field_label
+
+        for stage in self.retrievers:
+            if stage.available() is not None:
+                continue
+            try:
+                got = stage.recommend(replace(request, k=max(self.candidates, request.k)))
+            except StageSkip:
+                continue
+            if got:
+                break
+        else:
+            raise StageSkip("no retrieval stage had candidates")
+        query = Query(user_id="request", history=tuple(dict.fromkeys([*request.history, *request.cart])),
+                      profile=dict(request.profile), context=request.context)
+        order = self.scorer.reorder(query, [s.item_id for s in got])[: request.k]
+        why = {e["item_id"]: e for e in self.scorer.explain(query, [i for i, p in order if p is not None])}
+        source = {s.item_id: s for s in got}
+        out = []
+        for item_id, p in order:
+            reason = source[item_id].reason
+            if item_id in why:
+                pairs = ", ".join(f"{field_label(u)} x {field_label(i)}" for u, i, _ in why[item_id]["top_pairs"][:2])
+                reason += f"; reordered by the reranker (p {p:.2f}{', led by ' + pairs if pairs else ''})"
+            out.append(Scored(item_id, p, self.name, reason))
+        return out
+
+
+def _rerank(ctx: StageContext) -> Stage | None:
+    from atelier.config import Settings
+    from atelier.rerank import load_scorer, ranker_path
+
+    settings = ctx.settings
+    assert isinstance(settings, Settings)
+    retrievers = [ctx.built[n] for n in ("content", "two_tower") if n in ctx.built]
+    if not retrievers or not ranker_path(settings, ctx.dataset).is_file():
+        return None
+    try:
+        scorer, _ = load_scorer(settings, ctx.dataset)
+    except ValueError as exc:  # CheckpointError: corrupt, or trained against another item tower
+        log.warning("reranker not loaded: %s", exc)
+        return None
+    return RerankStage(scorer, retrievers)
+
+
 def _two_tower(ctx: StageContext) -> Stage | None:
     from atelier.config import Settings
     from atelier.two_tower import serving_retriever, two_tower_model_id, user_checkpoint_path
@@ -392,6 +465,7 @@ def _popularity(ctx: StageContext) -> Stage:
     return PopularityStage(ctx.popular, ctx.profile_keys)
 
 
+register_stage("rerank", _rerank)
 register_stage("two_tower", _two_tower)
 register_stage("content", _content)
 register_stage("popularity", _popularity)
@@ -399,9 +473,8 @@ register_stage("popularity", _popularity)
 
 def build_chain(ctx: StageContext) -> tuple[list[Stage], dict[str, str]]:
     """The stages to run, in preference order, and a line for each of ``PREFERENCE`` for /ready."""
-    stages: list[Stage] = []
     status: dict[str, str] = {}
-    for name in PREFERENCE:
+    for name in reversed(PREFERENCE):  # later stages first: the reranker reorders their candidates
         factory = STAGE_FACTORIES.get(name)
         if factory is None:
             status[name] = "not built yet"
@@ -410,6 +483,6 @@ def build_chain(ctx: StageContext) -> tuple[list[Stage], dict[str, str]]:
         if stage is None:
             status[name] = "no model for this dataset"
             continue
-        stages.append(stage)
+        ctx.built[name] = stage
         status[name] = "registered"
-    return stages, status
+    return [ctx.built[n] for n in PREFERENCE if n in ctx.built], {n: status[n] for n in PREFERENCE}
