@@ -16,6 +16,9 @@ from atelier.enrich.prompt import RawProduct, asked_fields
 from atelier.schema import Schema, load_schema
 
 GOLD_DIR = Path(__file__).resolve().parent / "gold"
+HM_ARTICLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "hm" / "articles.csv.gz"
+HM_SEED = 20261127  # the H&M sample: shuffle articles with this seed, first article per product_code
+HM_N = 220
 SPLIT_SALT = "gold-v1"  # the split is fixed once; changing the salt would leak tuned-on items into test
 MULTI_VALUED = {"fiber_composition", "detail", "style", "occasion"}
 RE_MAX_WORDS = 4
@@ -26,6 +29,25 @@ GROUP_OF = {"01outer": "outer", "02top": "top", "03bottom": "bottom", "04onepiec
             "06inner_03": "socks_tights", "06inner_04": "socks_tights", "06inner_05": "nightwear",
             "06inner_06": "nightwear", "07swim": "swimwear", "08shoes": "shoes", "09acc": "accessories",
             "10other": "other"}
+
+
+def hm_sample(n: int = HM_N, seed: int = HM_SEED) -> list[str]:
+    """The H&M gold sample: article ids, one per product_code, with a description, outside the bench samples.
+
+    Excluded: the products of ``bench_extraction.py``'s seed-0 sample of 100 (the items the per-field
+    defaults were tuned on), so the gold test split is held out from that tuning.
+    """
+    import pandas as pd
+
+    from atelier.config import Settings
+    from atelier.ingest import load_tables
+
+    items = load_tables(Settings().dataset_dir("hm"))[0]
+    tuned = set(items.sample(n=100, random_state=0)["product_code"])
+    art = pd.read_csv(HM_ARTICLES, dtype=str, usecols=["article_id", "product_code", "detail_desc"])
+    art = art[art["detail_desc"].fillna("").str.strip().ne("") & ~art["product_code"].isin(tuned)]
+    art = art.sample(frac=1.0, random_state=seed).drop_duplicates("product_code")
+    return art["article_id"].head(n).tolist()
 
 
 def split_of(dataset: str, item_id: str) -> str:
@@ -87,6 +109,101 @@ def check_line(rec: dict[str, Any], schema: Schema) -> list[str]:
     return problems
 
 
+KEYS = {"c": "category", "co": "color", "g": "gender", "p": "print", "fb": "fiber_composition", "se": "season",
+        "oc": "occasion", "st": "style", "el": "elasticity", "tr": "transparency", "fl": "isfleece", "fit": "fit",
+        "de": "detail", "tl": "top.length_type", "sl": "top.sleeve_length_type", "nk": "top.neck_color_design",
+        "sd": "top.sleeve_design", "bl": "bottom.length_type", "dl": "dress.length_type"}
+RE_KEYS = {"cs": "category_specification", "fb": "fiber_composition", "co": "color", "p": "print", "de": "detail",
+           "st": "style", "vibe": "vibe", "fit": "fit", "oc": "occasion", "md": "specification.metadata"}
+SHORT = {"gender": {"f": "female", "m": "male", "b": "both", "k": "kids"},
+         "season": {"all": "all season"}, "isfleece": {"n": "fleece_none", "c": "fleece_contain"},
+         "transparency": {"none": "none at all", "opaque": "none at all"},
+         "top.sleeve_length_type": {"long": "long sleeves", "short": "short sleeves", "3/4": "3/4 sleeves",
+                                    "cap": "cap sleeves", "no": "sleeveless"},
+         "top.sleeve_design": {"basic": "basic sleeve", "raglan": "raglan sleeve", "puff": "puff sleeve",
+                               "dropped": "dropped shoulder", "balloon": "balloon sleeve", "flutter": "flutter sleeve"}}
+
+
+def from_notes(dataset: str, text: str, schema: Schema) -> list[dict[str, Any]]:
+    """Gold records from an annotator's compact notes, one product a line (formats decisions, adds none).
+
+    ``ITEM_ID; c=vest top; co=black; g=f; fb=jersey,cotton; ...; fc=co,g | cs=strap top; de=narrow straps``:
+    STD keys are ``KEYS`` (values: allowed values, their schema synonyms or ``SHORT`` forms, ``?`` for
+    null), ``fc`` lists the fields taken from columns; after ``|`` come RE phrases (``RE_KEYS``), comma
+    separated. An applicable STD field the notes leave out is written as null; RE fields left out as [].
+    """
+    from atelier.enrich.prompt import label_maps
+
+    labels = label_maps(schema)
+    out, errors = [], []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            out.append(_record(dataset, line, schema, labels))
+        except (ValueError, KeyError) as e:
+            errors.append(str(e))
+    if errors:
+        raise ValueError("\n".join(errors))
+    return out
+
+
+def _record(dataset: str, line: str, schema: Schema, labels: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """One gold record from one line of notes."""
+    if True:
+        std_part, _, re_part = line.partition("|")
+        item_id, *pairs = [p.strip() for p in std_part.split(";") if p.strip()]
+        std: dict[str, Any] = {}
+        cols: list[str] = []
+        for pair in pairs:
+            key, _, raw = (x.strip() for x in pair.partition("="))
+            if key == "fc":
+                cols = [KEYS[k.strip()] for k in raw.split(",")]
+                continue
+            name = KEYS[key]
+            if raw == "?":
+                std[name] = None
+                continue
+            values = []
+            for v in (x.strip() for x in raw.split(",")):
+                v = SHORT.get(name, {}).get(v, v)
+                value = labels[name].get(v) or schema.std[name].normalise(v)
+                if value is None:
+                    raise ValueError(f"{item_id}: {name}={v!r} is not a value")
+                values.append(value)
+            std[name] = values
+        group = group_of(std["category"][0])
+        full: dict[str, Any] = {"category": std["category"], "category_specification": [group]}
+        for name in applicable(group, schema):
+            full.setdefault(name, std.get(name))
+        extra = set(std) - set(full)
+        if extra:
+            raise ValueError(f"{item_id}: {sorted(extra)} do not apply to {group}")
+        re_: dict[str, list[str]] = {name: [] for name in schema.re}
+        for pair in (p.strip() for p in re_part.split(";") if p.strip()):
+            key, _, raw = (x.strip() for x in pair.partition("="))
+            re_[RE_KEYS[key]] = [x.strip().lower() for x in raw.split(",") if x.strip()]
+        rec = {"dataset": dataset, "item_id": item_id, "split": split_of(dataset, item_id), "std": full, "re": re_}
+        if cols:
+            rec["from_columns"] = cols
+        problems = check_line(rec, schema)
+        if problems:
+            raise ValueError(f"{item_id}: {'; '.join(problems)}")
+        return rec
+
+
+def show(ids: list[str]) -> None:
+    """Print the H&M text and check columns of some articles (to the terminal only, never to a file)."""
+    import pandas as pd
+
+    art = pd.read_csv(HM_ARTICLES, dtype=str).set_index("article_id")
+    for i in ids:
+        r = art.loc[i]
+        print(f"{i} [{split_of('hm', i)}] {r.prod_name} :: {r.detail_desc}\n    cols: {r.product_type_name} | "
+              f"{r.colour_group_name} | {r.graphical_appearance_name} | {r.index_group_name} / {r.section_name} | "
+              f"{r.garment_group_name}")
+
+
 def load(path: Path) -> list[dict[str, Any]]:
     """Records of one gold file (raises on a line that does not follow the guide)."""
     schema = load_schema()
@@ -117,6 +234,22 @@ def check(path: Path) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["sample"]:
+        print("\n".join(hm_sample()))
+        sys.exit(0)
+    if sys.argv[1:2] == ["show"]:  # show START COUNT: a batch of the H&M sample
+        start, count = int(sys.argv[2]), int(sys.argv[3])
+        show((GOLD_DIR / "hm_sample.txt").read_text().split()[start:start + count])
+        sys.exit(0)
+    if sys.argv[1:2] == ["add"]:  # add DATASET NOTES: append the formatted records to gold/DATASET.jsonl
+        recs = from_notes(sys.argv[2], Path(sys.argv[3]).read_text(), load_schema())
+        target = GOLD_DIR / f"{sys.argv[2]}.jsonl"
+        done = {json.loads(x)["item_id"] for x in target.read_text().splitlines()} if target.exists() else set()
+        new = [r for r in recs if r["item_id"] not in done]
+        with target.open("a") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+        print(f"{target}: +{len(new)} ({len(recs) - len(new)} already there)")
+        sys.exit(0)
     if len(sys.argv) < 3 or sys.argv[1] != "check":
-        sys.exit("usage: python benchmarks/gold_set.py check FILE.jsonl ...")
+        sys.exit("usage: gold_set.py sample | show START N | add DATASET NOTES | check FILE.jsonl ...")
     sys.exit(1 if sum(check(Path(p)) for p in sys.argv[2:]) else 0)
