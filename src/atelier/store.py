@@ -78,6 +78,10 @@ MAX_HNSW_DIM = 2000  # pgvector's limit for an HNSW index on `vector`
 MAX_EF_SEARCH = 1000  # pgvector's upper bound for hnsw.ef_search
 COPY_CHUNK = 8192  # rows validated and written per step; also the progress granularity
 SCHEMA_LOCK = "atelier.schema"  # advisory-lock key: one process migrates at a time
+# A search reads its model's registration (table, dim, ef_factor) from this process's memory when it is
+# younger than this; a re-index in another process swaps the table, which a search notices (undefined
+# table) and re-reads at once, so only a re-calibrated ef_factor can be this stale.
+MODEL_CACHE_S = 5.0
 
 
 def filter_clauses(f: SearchFilters, prefix: str = "") -> tuple[list[sql.Composable], dict[str, Any]]:
@@ -493,6 +497,7 @@ class VectorStore:
         self.conninfo = conninfo
         self.server = server  # the embedded server (None with DATABASE_URL); cleanup() stops it
         self.search_config = search or SearchConfig()
+        self._models: dict[str, tuple[float, ModelInfo]] = {}  # model id -> (read at, registration)
         with _connect(conninfo) as conn:
             self.pgvector_version = _ensure_pgvector(conn)
             self.schema_version = _migrate(conn)
@@ -543,8 +548,19 @@ class VectorStore:
         with self.connection() as conn:
             return _get_model(conn, model_id)
 
+    def _search_model(self, conn: Connection, model_id: str, *, fresh: bool = False) -> ModelInfo:
+        """A model's registration for searching: from memory when read in the last MODEL_CACHE_S seconds."""
+        now = time.monotonic()
+        hit = self._models.get(model_id)
+        if hit is not None and not fresh and now - hit[0] < MODEL_CACHE_S:
+            return hit[1]
+        model = _get_model(conn, model_id)
+        self._models[model_id] = (now, model)
+        return model
+
     def drop_model(self, model_id: str) -> bool:
         """Remove a model's vectors and registration; False when it was not there."""
+        self._models.pop(model_id, None)
         with self.connection() as conn, conn.transaction():
             row = conn.execute("DELETE FROM models WHERE model_id = %s RETURNING table_name", (model_id,)).fetchone()
             if row is None:
@@ -732,6 +748,7 @@ class VectorStore:
             ) from exc
         except psycopg.Error as exc:
             raise StoreError(f"loading vectors of model {model_id!r} failed, nothing changed: {exc}") from exc
+        self._models.pop(model_id, None)
         return LoadReport(
             model_id=model_id,
             table_name=table,
@@ -810,14 +827,25 @@ class VectorStore:
         dedupe_groups: bool = False,
         exact: bool = False,
     ) -> list[list[tuple[str, float]]]:
-        """Top-k for many queries over one connection and one transaction."""
+        """Top-k for many queries over one connection and one transaction.
+
+        Settings and query go to the server as one pipeline (one round trip per query instead of four),
+        and the model's registration usually comes from memory (``MODEL_CACHE_S``)."""
         if k < 1:
             raise StoreError(f"k must be >= 1, got {k}")
-        with self.connection() as conn, conn.transaction():
-            model = _get_model(conn, model_id)
-            queries = [_as_query(q, model.dim) for q in query_vectors]
-            plan = _SearchPlan(model, k, filters or SearchFilters(), list(exclude_ids), dedupe_groups)
-            return [plan.run(conn, q, self.search_config, exact=exact) for q in queries]
+        with self.connection() as conn:
+            for attempt in (0, 1):
+                model = self._search_model(conn, model_id, fresh=attempt > 0)
+                queries = [_as_query(q, model.dim) for q in query_vectors]
+                plan = _SearchPlan(model, k, filters or SearchFilters(), list(exclude_ids), dedupe_groups)
+                try:
+                    with conn.pipeline(), conn.transaction():
+                        return [plan.run(conn, q, self.search_config, exact=exact) for q in queries]
+                except psycopg.errors.UndefinedTable:
+                    if attempt:
+                        raise
+                    # re-indexed elsewhere since the registration was read: read it again, once
+            raise AssertionError("unreachable")
 
     def exact_search(
         self,
@@ -915,6 +943,7 @@ class VectorStore:
         chosen = chosen or tried[-1]
         with self.connection() as conn:
             conn.execute("UPDATE models SET ef_factor = %s WHERE model_id = %s", (chosen["ef_factor"], model_id))
+        self._models.pop(model_id, None)
         return {
             "recall_at_k": chosen["recall"],
             "k": k_eff,
@@ -1051,20 +1080,21 @@ class _SearchPlan:
         factor = ef_factor or self.model.ef_factor or cfg.ef_factor
         n = self.k if not self.dedupe else math.ceil(self.k * cfg.dedupe_overfetch)
         # How far the index scan must look so that k rows survive the WHERE clause:
-        # - metadata filters / de-dup can discard most candidates: a relaxed iterative scan keeps
-        #   walking the graph (the CTE re-sorts what comes slightly out of order);
+        # - metadata filters can discard most candidates: a relaxed iterative scan keeps walking the
+        #   graph (the CTE re-sorts what comes slightly out of order);
         # - exclusions drop at most len(exclude_ids) known rows: a list that much longer suffices;
-        # - nothing to drop: no iterative scan (measured: it costs ~40% latency even when unused);
+        # - de-dup alone: the loop below fetches 4x more candidates when too few groups survive, so no
+        #   iterative scan (measured: it costs ~40% latency even when unused);
         # - either way, a strict iterative scan once the list would exceed pgvector's cap of 1000.
-        mode: Literal["off", "relaxed_order", "strict_order"] = "off"
-        reach = n + len(self.exclude_ids)
-        if not self.filters.is_empty() or self.dedupe:
-            mode = "relaxed_order"
-        elif reach > MAX_EF_SEARCH:
-            mode = "strict_order"
         if exact:
             conn.execute("SELECT set_config('enable_indexscan', 'off', true)")
         while True:
+            mode: Literal["off", "relaxed_order", "strict_order"] = "off"
+            reach = n + len(self.exclude_ids)
+            if not self.filters.is_empty():
+                mode = "relaxed_order"
+            elif reach > MAX_EF_SEARCH:
+                mode = "strict_order"
             if not exact:
                 conn.execute(
                     "SELECT set_config('hnsw.ef_search', %s, true),"
