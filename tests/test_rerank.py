@@ -213,6 +213,13 @@ def test_checkpoint_round_trip(tmp_path: Path, toy: tuple[TrainData, Path]) -> N
     (entry,) = rerank_suite(settings, "rtr")
     assert isinstance(entry, RerankRecommender) and entry.cfg_overrides == rec.cfg and entry.tcfg == rec.tcfg
     assert entry.name == "rerank (occasion)"
+    # On the window it was trained on, the harness reuses the saved weights; on any other it trains afresh.
+    entry.retriever = PopularityRecommender(None)
+    assert "reused" in entry.fit(data).history
+    np.testing.assert_allclose(entry.score(q, ["i1", "i2", "i3"]), before, rtol=1e-6)
+    shorter = TrainData(data.dataset, data.items, data.interactions[data.interactions["ts"] < "2017-07-05"],
+                        data.users, data.cache_dir)
+    assert "reused" not in entry.fit(shorter).history
     # The serving loader rebuilds features from the tables and scores exactly as the fitted recommender.
     scorer, payload = load_scorer(settings, "rtr", data)
     assert payload["retriever"] == "occasion"

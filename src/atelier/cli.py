@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -322,14 +322,29 @@ def train_ranker_cmd(
 ) -> None:
     """Train the DeepFM reranker on the retriever's candidates (evaluation training window) and save it."""
     from atelier.models.ranker import RankerConfig
-    from atelier.rerank import RerankTrainConfig, train_ranker_stage
+    from atelier.rerank import RerankTrainConfig
 
     settings = _settings(data_dir, run_dir)
     tcfg = RerankTrainConfig(epochs=epochs, max_users=max_users, seed=seed)
     cfg = RankerConfig(0, 0, transfer=not random_init, seed=seed)
-    path, history = _run(lambda: train_ranker_stage(settings, dataset, tcfg, cfg, retriever,
-                                                    progress=lambda m: console.print(m)))
+    path, history = _run(lambda: run_train_ranker(settings, dataset, tcfg, cfg, retriever))
     console.print(f"rows: {history['rows']}\nloss: {history['initial_loss']} -> {history['loss']}\nranker: {path}")
+
+
+def run_train_ranker(settings: Settings, dataset: str, tcfg: object, cfg: object,
+                     retriever: str) -> tuple[Path, dict[str, Any]]:
+    """Train and save a dataset's reranker behind a progress display (rows, then epochs)."""
+    from atelier.rerank import train_ranker_stage
+
+    with stage_progress(f"train ranker ({dataset}, {retriever} candidates)") as progress:
+        task = progress.add_task("building rows from the retriever's top 100", total=None)
+
+        def on_message(message: str) -> None:
+            progress.update(task, description=message, advance=1 if message.startswith("epoch") else 0)
+            if message.startswith("epoch"):
+                progress.update(task, total=getattr(tcfg, "epochs", None))
+
+        return train_ranker_stage(settings, dataset, tcfg, cfg, retriever, progress=on_message)  # type: ignore[arg-type]
 
 
 def _query_for(settings: Settings, dataset: str, user: str | None, history: list[str],
@@ -695,6 +710,14 @@ def run_cmd(
             console.print(f"user tower {name}: best epoch {user_history.get('best_epoch')}, validation recall@100 "
                           f"{user_history.get('best_val_recall@100', float('nan')):.4f}; "
                           f"store {user_index['model_id']}")
+    from atelier.rerank import RerankTrainConfig, ranker_path
+
+    for name, retriever in (("hm", "content"), ("rtr", "occasion")):  # each dataset's best measured retriever
+        if name in names and (force or not ranker_path(settings, name).is_file()):
+            _, ranker_history = _run(lambda name=name, retriever=retriever: run_train_ranker(  # type: ignore[misc]
+                settings, name, RerankTrainConfig(), None, retriever))
+            console.print(f"ranker {name}: {ranker_history['rows']['positives']:,} positives in "
+                          f"{ranker_history['rows']['rows']:,} rows, loss {ranker_history['loss'][-1]:.4f}")
     for name in ("hm", "rtr"):
         if name in names:
             report, path = _run(lambda name=name: run_evaluate(settings, name, max_users=max_users))  # type: ignore[misc]

@@ -501,13 +501,14 @@ class RerankRecommender(Recommender):
     def __init__(
         self, retriever: Recommender, item_checkpoint: Path, *, cfg: RankerConfig | None = None,
         train: RerankTrainConfig | None = None, window_days: float | None = None, enriched: Path | None = None,
-        name: str | None = None, progress: ProgressFn | None = None,
+        name: str | None = None, progress: ProgressFn | None = None, saved: Path | None = None,
     ) -> None:
         self.retriever = retriever
         self.item_checkpoint = item_checkpoint
         self.cfg_overrides = cfg
         self.tcfg = train or RerankTrainConfig()
         self.window_days, self.enriched, self.progress = window_days, enriched, progress
+        self.saved = saved  # a checkpoint to reuse when it was trained on the same window (see fit)
         self.model: Any = None
         self.cfg: RankerConfig | None = None
         self.feat: Featuriser | None = None
@@ -539,18 +540,35 @@ class RerankRecommender(Recommender):
         t0 = time.perf_counter()
         tower_state = self._setup(data)
         assert self.cfg is not None and self.feat is not None
-        transfer = transfer_embeddings(self.model, tower_state, self.cfg) if self.cfg.transfer else {}
         window = self.window_days or POPULARITY_WINDOW_DAYS.get(data.dataset, 7.0)
+        if self.saved is not None and self._reuse_saved(data):
+            self.retriever.fit(data)
+            self.stats = LogStats.build(data.interactions, self.feat.cat, window)
+            return self
+        transfer = transfer_embeddings(self.model, tower_state, self.cfg) if self.cfg.transfer else {}
         rows = training_rows(data, copy.deepcopy(self.retriever), self.feat, self.tcfg, window)
         t1 = time.perf_counter()
         if self.progress is not None:
             self.progress(f"{rows.info['rows']} rows, {rows.info['positives']} positives ({t1 - t0:.0f} s)")
         hist = train_ranker(self.model, rows, self.tcfg, self.progress)
         self.history = {"rows": rows.info, "transfer": transfer, "rows_seconds": round(t1 - t0, 1),
+                        "train_end": str(data.interactions["ts"].max()),
                         "train_seconds": round(time.perf_counter() - t1, 1), **hist}
         self.retriever.fit(data)
         self.stats = LogStats.build(data.interactions, self.feat.cat, window)
         return self
+
+    def _reuse_saved(self, data: TrainData) -> bool:
+        """Load the saved weights when they were trained on this very window (same last interaction, same
+        configs): refitting would only repeat that work. Any other window trains afresh, so a saved model
+        never scores days it has seen."""
+        assert self.saved is not None
+        model, cfg, payload = load_ranker(self.saved)
+        same = (payload.get("history", {}).get("train_end") == str(data.interactions["ts"].max())
+                and cfg == self.cfg and payload.get("train") == asdict(self.tcfg))
+        if same:
+            self.model, self.history = model, {**payload["history"], "reused": str(self.saved)}
+        return same
 
     @property
     def scorer(self) -> Scorer:
@@ -673,5 +691,5 @@ def rerank_suite(settings: Any, dataset: str) -> list[Recommender]:
     kind = str(payload.get("retriever", "content"))
     rec = RerankRecommender(make_retriever(settings, dataset, kind), item_tower_for(settings, dataset),
                             cfg=cfg, train=RerankTrainConfig(**payload["train"]),
-                            enriched=enriched_path(settings, dataset), name=f"rerank ({kind})")
+                            enriched=enriched_path(settings, dataset), name=f"rerank ({kind})", saved=path)
     return [rec]
