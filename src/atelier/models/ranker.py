@@ -23,6 +23,9 @@ IJCAI 2017; Rendle, "Factorization machines", ICDM 2010; DeepCTR-Torch 0.3.0 (is
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,9 +67,24 @@ class RankerConfig:
     dense: tuple[str, ...] = field(default_factory=lambda: DENSE)
 
 
+def quiet_deepctr() -> None:
+    """Register the ``deepctr_torch`` package without running its ``__init__``, which starts a thread that
+    asks PyPI for a newer release on every import: a network call from a server (offline, a stray printed
+    line). Its submodules then import as usual; call before the first ``deepctr_torch`` import."""
+    if "deepctr_torch" in sys.modules:
+        return
+    spec = importlib.util.find_spec("deepctr_torch")
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError("deepctr-torch is not installed: pip install deepctr-torch==0.3.0")
+    package = types.ModuleType("deepctr_torch")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__version__ = "0.3.0"  # type: ignore[attr-defined]
+    sys.modules["deepctr_torch"] = package
+
+
 def feature_columns(cfg: RankerConfig) -> list[Any]:
     """DeepCTR feature columns: shared ``std``/``re`` tables, user bucket tables, dense fields."""
-    # deepctr_torch checks PyPI for a newer version in a thread on import; offline it prints one harmless line
+    quiet_deepctr()
     from deepctr_torch.inputs import DenseFeat, SparseFeat, VarLenSparseFeat
 
     d = cfg.embedding_dim
@@ -82,6 +100,7 @@ def feature_columns(cfg: RankerConfig) -> list[Any]:
 
 def build_ranker(cfg: RankerConfig) -> Any:
     """A DeepFM over ``feature_columns(cfg)`` (std/re tables at random, scaled like a transfer)."""
+    quiet_deepctr()
     from deepctr_torch.models import DeepFM
 
     cols = feature_columns(cfg)
@@ -138,6 +157,7 @@ def fm_terms(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     """
     embs, _ = model.input_from_feature_columns(x, model.dnn_feature_columns, model.embedding_dict)
     e = torch.cat(embs, dim=1)  # (batch, n_fields, dim)
+    quiet_deepctr()
     from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
 
     cols = model.dnn_feature_columns  # the order input_from_feature_columns returns: single, then varlen
