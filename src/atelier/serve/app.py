@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atelier.config import Settings, get_settings
 from atelier.serve.routes import health, items, recommend
+from atelier.serve.schemas import error_responses
 from atelier.serve.service import RecommendService, ServiceError
 from atelier.store import StoreError
 
@@ -100,6 +102,21 @@ def _store_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"vector store error: {exc}"}, status_code=503)
 
 
+def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A psycopg error that escaped the service: bad data is the client's 422, anything else a 503
+    (and, when the server does not answer, the service serves degraded until it is back)."""
+    assert isinstance(exc, psycopg.Error)
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, psycopg.DataError):
+        return JSONResponse({"detail": f"a value in the request cannot be stored or searched: {reason}"},
+                            status_code=422)
+    service = getattr(request.app.state, "service", None)
+    if service is not None:
+        service.store_failed(reason)
+    log.warning("database error: %s", reason)
+    return JSONResponse({"detail": f"vector store error: {reason}"}, status_code=503)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -132,8 +149,11 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StoreError, _store_error)
+    app.add_exception_handler(psycopg.Error, _database_error)
     for module in (health, items, recommend):
-        app.include_router(module.router)
+        # any route may answer 400 (a body that is not JSON), 422 (a bad parameter, named) or 503 (store
+        # down): all documented, so clients and the fuzz tests know every status they can get
+        app.include_router(module.router, responses=error_responses(400, 422, 503))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/", include_in_schema=False)

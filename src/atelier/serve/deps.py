@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from atelier.serve.service import RecommendService
 
@@ -21,18 +22,23 @@ def get_service(request: Request) -> RecommendService:
 ServiceDep = Annotated[RecommendService, Depends(get_service)]
 
 
+# Declared as OpenAPI security schemes (the /docs page gets an "Authorize" button and schema-driven
+# clients and fuzzers know which operations need a key); auto_error=False so this module alone
+# decides between 401 and 403.
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the ATELIER_API_KEY value")
+bearer = HTTPBearer(auto_error=False, description="the ATELIER_API_KEY value as a bearer token")
+
+
 def require_api_key(
     service: ServiceDep,
-    x_api_key: Annotated[str | None, Header(description="the ATELIER_API_KEY value")] = None,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+    x_api_key: Annotated[str | None, Depends(api_key_header)] = None,
+    authorization: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
 ) -> None:
     """401 without a key, 403 with a wrong one (or when no key is configured); the key is never logged."""
     expected = service.settings.api_key
     if not expected:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "write endpoints are disabled: set ATELIER_API_KEY")
-    given = x_api_key
-    if given is None and authorization and authorization.lower().startswith("bearer "):
-        given = authorization[7:].strip()
+    given = x_api_key or (authorization.credentials.strip() if authorization else None)
     if not given:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key: send it in the X-API-Key header",
                             headers={"WWW-Authenticate": "ApiKey"})

@@ -7,14 +7,43 @@ normalised (synonyms such as "dress" become "04onepiece_01dress").
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from atelier.schema import load_schema
 
 ItemId = str  # validated where it enters (Field constraints below)
 ITEM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"  # safe in URLs, SQL params and file names
+
+
+def storable_text(value: str) -> str:
+    """Refuse what PostgreSQL text/jsonb cannot hold (NUL) and what is not Unicode (a lone UTF-16
+    surrogate such as ``"\\ud800"``, which JSON can spell but UTF-8 cannot encode)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\x00) characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"is not valid Unicode (a lone surrogate at character {exc.start})") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(storable_text)]
+"""Every free-text request field: any Unicode text PostgreSQL can store, so a request that
+validates can always be stored, searched and echoed back."""
+
+
+def json_number(value: object) -> object:
+    """Refuse what pydantic's lax mode would coerce into a number: ``true`` is not 1, ``"170"`` is not 170."""
+    if isinstance(value, bool | str):
+        raise ValueError(f"must be a JSON number, not {type(value).__name__}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(json_number)]  # 12.0 is still 12 (JSON Schema's integer), 12.5 is not
+Float = Annotated[float, BeforeValidator(json_number)]
+Bool = Annotated[bool, Field(strict=True)]  # true/false only, not 1 or "yes"
 
 
 def std_values(field_name: str, values: list[str]) -> list[str]:
@@ -41,10 +70,10 @@ class Profile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    height_cm: float | None = Field(default=None, ge=100, le=230)
-    weight_kg: float | None = Field(default=None, ge=30, le=250)
-    age: int | None = Field(default=None, ge=13, le=110)
-    body_type: str | None = Field(default=None, max_length=40)
+    height_cm: Float | None = Field(default=None, ge=100, le=230)
+    weight_kg: Float | None = Field(default=None, ge=30, le=250)
+    age: Int | None = Field(default=None, ge=13, le=110)
+    body_type: Text | None = Field(default=None, max_length=40)
 
 
 class Filters(BaseModel):
@@ -54,9 +83,9 @@ class Filters(BaseModel):
 
     categories: list[str] = Field(default_factory=list, max_length=20)
     genders: list[str] = Field(default_factory=list, max_length=5)
-    min_price: float | None = Field(default=None, ge=0)
-    max_price: float | None = Field(default=None, ge=0)
-    in_stock_only: bool = False
+    min_price: Float | None = Field(default=None, ge=0, le=1e9)
+    max_price: Float | None = Field(default=None, ge=0, le=1e9)
+    in_stock_only: Bool = False
 
     @field_validator("categories")
     @classmethod
@@ -80,14 +109,14 @@ class RecommendRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str | None = Field(default=None, min_length=1, max_length=128)
-    recent_item_ids: list[str] = Field(default_factory=list, max_length=50, description="oldest first")
-    cart: list[str] = Field(default_factory=list, max_length=50)
+    user_id: Text | None = Field(default=None, min_length=1, max_length=128)
+    recent_item_ids: list[Text] = Field(default_factory=list, max_length=50, description="oldest first")
+    cart: list[Text] = Field(default_factory=list, max_length=50)
     profile: Profile | None = None
-    context: str | None = Field(default=None, max_length=500, description="an occasion or free text")
+    context: Text | None = Field(default=None, max_length=500, description="an occasion or free text")
     filters: Filters | None = None
-    k: int = Field(default=12, ge=1, le=100)
-    exclude_seen: bool = Field(default=True, description="leave out the history and cart items")
+    k: Int = Field(default=12, ge=1, le=100)
+    exclude_seen: Bool = Field(default=True, description="leave out the history and cart items")
 
     @field_validator("recent_item_ids", "cart")
     @classmethod
@@ -104,13 +133,13 @@ class ProductIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     item_id: str = Field(pattern=ITEM_ID_PATTERN, description="letters, digits and . _ : - (max 128)")
-    title: str = Field(min_length=1, max_length=200)
-    description: str = Field(default="", max_length=5000)
-    brand: str | None = Field(default=None, max_length=100)
-    price: float | None = Field(default=None, ge=0, le=1_000_000)
-    stock: int | None = Field(default=None, ge=0)
-    group_id: str | None = Field(default=None, max_length=128)
-    columns: dict[str, str] = Field(
+    title: Text = Field(min_length=1, max_length=200)
+    description: Text = Field(default="", max_length=5000)
+    brand: Text | None = Field(default=None, max_length=100)
+    price: Float | None = Field(default=None, ge=0, le=1_000_000)
+    stock: Int | None = Field(default=None, ge=0, le=10_000_000)
+    group_id: Text | None = Field(default=None, max_length=128)
+    columns: dict[Annotated[Text, Field(max_length=100)], Annotated[Text, Field(max_length=500)]] = Field(
         default_factory=dict, max_length=50,
         description="raw catalogue columns the dataset's mapping knows, e.g. product_type_name, colour_group_name",
     )
@@ -125,6 +154,34 @@ class ProductIn(BaseModel):
 
 
 # --- responses --------------------------------------------------------------------------------
+
+
+class FieldError(BaseModel):
+    """One invalid part of a request: where it is (``body.profile.height_cm``) and what is wrong."""
+
+    field: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """The body of every error answer: one line naming what was wrong (and, for 422, each field)."""
+
+    detail: str
+    errors: list[FieldError] = Field(default_factory=list)
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI ``responses`` entries with the ``ErrorOut`` body for these status codes."""
+    return {code: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+ERROR_DESCRIPTIONS = {
+    400: "the body is not JSON (or not UTF-8)", 401: "no API key", 403: "wrong API key, or writes disabled",
+    404: "unknown item",
+    409: "the id exists; use PUT", 413: "request body too large",
+    422: "invalid request: the message names each bad field",
+    502: "enrichment failed; nothing stored", 503: "store or encoder unavailable",
+}
 
 
 class Item(BaseModel):

@@ -239,6 +239,23 @@ class RecommendService:
         self._store_error = why or "store error"
         self._down_until = time.monotonic() + STORE_RETRY_S
 
+    def store_failed(self, why: str) -> bool:
+        """After an error from the store: serve degraded only if the server really does not answer (a
+        2 s probe, then one query through the pool). An error caused by one request's data must not take
+        the store away from everyone."""
+        if self._store is not None:
+            try:
+                with psycopg.connect(self._store.conninfo, connect_timeout=2) as conn:
+                    conn.execute("SELECT 1")
+                with self._store.connection() as conn:  # the server answers: is our pool still usable?
+                    conn.execute("SELECT 1")
+                log.warning("a store query failed but the store answers: %s", why)
+                return False
+            except (StoreError, psycopg.Error):
+                pass
+        self.mark_store_down(why)
+        return True
+
     def _require_store(self) -> VectorStore:
         store = self.store()
         if store is None:
@@ -356,8 +373,7 @@ class RecommendService:
         store = self.store()
         degraded = store is None
         result = run_chain(self.stages, request)
-        if result.store_failed:
-            self.mark_store_down(next(r.detail for r in result.reports if r.status == "failed"))
+        if result.store_failed and self.store_failed(next(r.detail for r in result.reports if r.status == "failed")):
             degraded = True
             store = None
         ids = [s.item_id for s in result.items]
@@ -366,8 +382,7 @@ class RecommendService:
             try:
                 docs = fetch_items(store, list(dict.fromkeys(ids + history[-20:] + cart)))
             except (StoreError, psycopg.Error) as exc:
-                self.mark_store_down(str(exc))
-                degraded = True
+                degraded = self.store_failed(str(exc))
         for i in ids:
             if i not in docs and i in self.catalogue.popular_docs:
                 docs[i] = self.catalogue.popular_docs[i]

@@ -14,26 +14,25 @@ from atelier.serve.schemas import (
     ItemPage,
     ProductIn,
     SimilarResponse,
+    Text,
+    error_responses,
     std_values,
 )
 from atelier.serve.service import ServiceError
 from atelier.store import SearchFilters
 
 router = APIRouter(prefix="/items", tags=["items"])
-ItemIdPath = Annotated[str, Path(min_length=1, max_length=128)]
-WRITE_ERRORS: dict[int | str, dict[str, str]] = {
-    401: {"description": "no API key"}, 403: {"description": "wrong API key, or writes disabled"},
-    502: {"description": "enrichment failed; nothing stored"}, 503: {"description": "store or encoder unavailable"},
-}
+ItemIdPath = Annotated[Text, Path(min_length=1, max_length=128)]
+WRITE_ERRORS = error_responses(401, 403, 413, 502)
 
 
 @router.get("", response_model=ItemPage)
 def search(
     service: ServiceDep,
-    query: Annotated[str, Query(max_length=200, description="words that must all appear")] = "",
-    category: Annotated[list[str] | None, Query(max_length=20)] = None,
-    gender: Annotated[list[str] | None, Query(max_length=5)] = None,
-    color: Annotated[list[str] | None, Query(max_length=10)] = None,
+    query: Annotated[Text, Query(max_length=200, description="words that must all appear")] = "",
+    category: Annotated[list[Text] | None, Query(max_length=20)] = None,
+    gender: Annotated[list[Text] | None, Query(max_length=5)] = None,
+    color: Annotated[list[Text] | None, Query(max_length=10)] = None,
     min_price: Annotated[float | None, Query(ge=0)] = None,
     max_price: Annotated[float | None, Query(ge=0)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 24,
@@ -50,20 +49,20 @@ def search(
     return service.search(query, filters, colors, limit, offset)
 
 
-@router.get("/{item_id}", response_model=Item, responses={404: {"description": "unknown item"}})
+@router.get("/{item_id}", response_model=Item, responses=error_responses(404))
 def get_item(service: ServiceDep, item_id: ItemIdPath) -> Item:
     """One item with its attributes."""
     return service.get_item(item_id)
 
 
-@router.get("/{item_id}/similar", response_model=SimilarResponse)
+@router.get("/{item_id}/similar", response_model=SimilarResponse, responses=error_responses(404))
 def similar(service: ServiceDep, item_id: ItemIdPath, k: Annotated[int, Query(ge=1, le=100)] = 10) -> SimilarResponse:
     """The k nearest items in the live model's space (colourways folded)."""
     return service.similar(item_id, k)
 
 
 @router.post("", response_model=IngestResponse, status_code=status.HTTP_201_CREATED, dependencies=[ApiKey],
-             responses={**WRITE_ERRORS, 409: {"description": "the id exists; use PUT"}})
+             responses={**WRITE_ERRORS, **error_responses(409)})
 def create(service: ServiceDep, product: ProductIn) -> IngestResponse:
     """Ingest a new product: enrich, encode with the item tower, upsert: recommendable at once."""
     return service.ingest(product, create_only=True)
@@ -79,7 +78,7 @@ def replace(service: ServiceDep, item_id: Annotated[str, Path(pattern=ITEM_ID_PA
 
 
 @router.delete("/{item_id}", status_code=status.HTTP_204_NO_CONTENT, dependencies=[ApiKey],
-               responses={**WRITE_ERRORS, 404: {"description": "unknown item"}})
+               responses={**WRITE_ERRORS, **error_responses(404)})
 def delete(service: ServiceDep, item_id: ItemIdPath) -> Response:
     """Remove a product and its vectors."""
     service.delete(item_id)
