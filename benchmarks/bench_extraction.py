@@ -29,6 +29,15 @@ writes the per-field choice made on the tuning half (pooled over catalogues; an 
 where it strictly beats every baseline) to ``atelier/enrich/field_sources.toml``; report the test
 half. Results go to ``benchmarks/results/extraction-<date>-<tag>.json``; Markdown tables of both
 halves are printed.
+
+``python benchmarks/bench_extraction.py gold [--llm-n 40]`` scores the same methods against the
+hand-annotated gold set (``benchmarks/gold/*.jsonl``, guide ``benchmarks/gold/GUIDE.md``, helpers
+``benchmarks/gold_set.py``) on its test split, for every STD field the annotators filled: the
+baselines on all test products (majority = the train split's most frequent value), the LLM
+variants on the first ``--llm-n`` test products by item id (CPU time), and what ``hybrid`` answers
+under ``field_sources.toml``. The generating backend is also asked every RE field, and its phrases
+are scored against the gold phrases (token-overlap match, see ``phrase_match``; echo share of
+prompt wording). Results: ``benchmarks/results/extraction-gold-<date>.json``.
 """
 
 from __future__ import annotations
@@ -55,10 +64,10 @@ from atelier.enrich import EnrichCache, EnrichOptions, RawProduct, enrich_produc
 from atelier.enrich.fieldwise import NearestLabelExtractor, product_text
 from atelier.enrich.hybrid import SOURCES_FILE, choose_sources, sources_toml
 from atelier.enrich.loglik import LogLikExtractor
-from atelier.enrich.prompt import PROMPT_VERSION
+from atelier.enrich.prompt import PROMPT_VERSION, UNKNOWN_LABEL
 from atelier.enrich.rules import keyword_values
 from atelier.ingest import load_tables
-from atelier.schema import load_schema
+from atelier.schema import load_schema, normalise_text
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {
@@ -137,11 +146,15 @@ def scored(preds: list[str | None], gold: list[dict[str, str]], field: str,
 
 
 def run_backend(products: list[RawProduct], fields: list[str], backend: str, settings: Settings,
-                cache_file: Path, dataset: str) -> tuple[dict[str, list[str | None]], dict[str, Any]]:
-    """Predictions per field and run statistics of one backend through the enrichment path (cached)."""
+                cache_file: Path, dataset: str, re_fields: tuple[str, ...] = ()
+                ) -> tuple[dict[str, list[str | None]], dict[str, Any]]:
+    """Predictions per field and run statistics of one backend through the enrichment path (cached).
+
+    With ``re_fields``, the RE phrases per product come back under the key ``"re"`` of the predictions.
+    """
     schema = load_schema()
     extractor = get_extractor(backend, settings)
-    options = EnrichOptions(full=True, fields=tuple(fields), re_fields=(), show_known=False)
+    options = EnrichOptions(full=True, fields=tuple(fields), re_fields=re_fields, show_known=False)
     start = time.perf_counter()
     done = 0
 
@@ -158,7 +171,10 @@ def run_backend(products: list[RawProduct], fields: list[str], backend: str, set
     wall = time.perf_counter() - start
     fresh = [r for r in results if not r.cached]
     model_seconds = sum(r.seconds for r in fresh)
-    preds = {f: [(r.extracted.get("clothes", {}).get(f) or [None])[0] for r in results] for f in fields}
+    preds: dict[str, Any] = {f: [(r.extracted.get("clothes", {}).get(f) or [None])[0] for r in results]
+                             for f in fields}
+    if re_fields:
+        preds["re"] = [r.extracted.get("re", {}) for r in results]
     stats = {
         "backend": extractor.model_id,
         "json_valid_first_answer": sum(r.status != "error" and r.attempts == 1 for r in results) / len(results),
@@ -246,6 +262,320 @@ def run_dataset(settings: Settings, dataset: str, n: int, seed: int, split_seed:
             "fields": table, "runs": runs}
 
 
+# --- gold set (issue #5 part 7): hand annotations, test split ------------------------------------------------
+
+GOLD_FIELDS = ["category", "category_specification", "color", "gender", "print", "season", "occasion", "style",
+               "fiber_composition", "detail", "fit", "elasticity", "transparency", "isfleece", "top.length_type",
+               "top.sleeve_length_type", "top.neck_color_design", "top.sleeve_design", "bottom.length_type",
+               "dress.length_type"]
+# The generating LLM is asked these STD fields (plus every RE field) in one answer: all 20 would double the
+# answer tokens on a 2-core CPU; these are the ones field_sources.toml or the README table use, plus four
+# the H&M and Myntra text often states.
+GOLD_GEN_FIELDS = ["category", "color", "gender", "print", "season", "occasion", "fiber_composition", "fit",
+                   "top.sleeve_length_type", "top.neck_color_design"]
+GOLD_LL_FIELDS = ["category", "color", "gender", "print", "season", "occasion"]
+_STOP = {"a", "an", "the", "and", "or", "with", "in", "at", "on", "of", "to", "for", "from", "by"}
+
+
+def gold_products(settings: Settings, dataset: str, records: list[dict[str, Any]]) -> list[RawProduct]:
+    """The products of gold records, as the extractors see them (H&M name + description; Myntra title)."""
+    items = load_tables(settings.dataset_dir(dataset))[0].set_index("item_id")
+    out = []
+    for rec in records:
+        row = items.loc[rec["item_id"]]
+        desc = "" if dataset == "myntra" or pd.isna(row["description"]) else str(row["description"] or "")
+        out.append(RawProduct(item_id=rec["item_id"], title=str(row["title"] or ""), description=desc))
+    return out
+
+
+def phrase_tokens(phrase: str) -> set[str]:
+    """Normalised content tokens of an RE phrase: lower case, letters/digits, no stop words, plural -s cut."""
+    import re
+
+    words = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", phrase.lower().replace("™", ""))
+    return {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words} - _STOP
+
+
+def phrase_match(pred: str, gold: str, threshold: float = 0.5) -> bool:
+    """Token-overlap match: Dice coefficient of the normalised token sets >= ``threshold``."""
+    a, b = phrase_tokens(pred), phrase_tokens(gold)
+    return bool(a and b) and 2 * len(a & b) / (len(a) + len(b)) >= threshold
+
+
+def prompt_examples(schema: Any) -> set[str]:
+    """Phrases a model could copy from the prompt or schema rather than the product.
+
+    The enrich-v1 guide has no example phrases, but it names every field and describes each RE field;
+    the schema's RE descriptions list examples in parentheses (older prompts showed them).
+    """
+    import re
+
+    out: set[str] = {UNKNOWN_LABEL, "none", "n/a", "no", "yes", "re"}
+    for name, spec in schema.re.items():
+        out |= {name, name.replace("_", " "), name.replace(".", " ").replace("_", " ")}
+        head, _, examples = spec.description.partition("(")
+        out.add(head.strip())
+        out |= {e.strip() for e in re.split(r",", examples.rstrip(")")) if e.strip()}
+        out |= {w for w in head.split() if len(w) > 3}
+    out |= set(schema.std)
+    return {normalise_text(x) for x in out}
+
+
+def re_quality(preds: list[dict[str, list[str]]], golds: list[dict[str, list[str]]], texts: list[str],
+               schema: Any) -> dict[str, Any]:
+    """Precision / recall of RE phrases against the gold phrases, per field and pooled, plus echo shares.
+
+    Strict: a predicted phrase counts when it matches (``phrase_match``) a gold phrase of the same RE
+    field; loose: of any RE field of the product. Echo: the phrase is a prompt/schema phrase
+    (``prompt_examples``) or, as a whole, does not occur in the product text but does in the guide.
+    """
+    examples = prompt_examples(schema)
+    rows: dict[str, dict[str, int]] = {}
+    n_pred = n_echo = n_in_text = 0
+    for pred, gold, text in zip(preds, golds, texts, strict=True):
+        all_gold = [g for phrases in gold.values() for g in phrases]
+        low = normalise_text(text)
+        for name in schema.re:
+            p, g = pred.get(name, []), gold.get(name, [])
+            r = rows.setdefault(name, {"pred": 0, "gold": 0, "tp_strict": 0, "tp_loose": 0, "found_gold": 0})
+            r["pred"] += len(p)
+            r["gold"] += len(g)
+            r["tp_strict"] += sum(any(phrase_match(x, y) for y in g) for x in p)
+            r["tp_loose"] += sum(any(phrase_match(x, y) for y in all_gold) for x in p)
+            r["found_gold"] += sum(any(phrase_match(x, y) for x in p) for y in g)
+            for x in p:
+                n_pred += 1
+                n_echo += normalise_text(x) in examples
+                n_in_text += normalise_text(x) in low
+    total = {k: sum(r[k] for r in rows.values()) for k in ("pred", "gold", "tp_strict", "tp_loose", "found_gold")}
+
+    def pr(r: dict[str, int]) -> dict[str, Any]:
+        return {**r, "precision_strict": r["tp_strict"] / r["pred"] if r["pred"] else None,
+                "precision_loose": r["tp_loose"] / r["pred"] if r["pred"] else None,
+                "recall": r["found_gold"] / r["gold"] if r["gold"] else None}
+
+    return {"pooled": pr(total), "fields": {n: pr(r) for n, r in rows.items()},
+            "echo_share": n_echo / n_pred if n_pred else None,
+            "verbatim_in_text_share": n_in_text / n_pred if n_pred else None,
+            "products": len(preds), "products_with_any_phrase": sum(any(p.values()) for p in preds)}
+
+
+def gold_accuracy(preds: list[str | None], gold: list[list[str] | None]) -> dict[str, Any]:
+    """Share of products with a gold value whose prediction is one of the gold values."""
+    pairs = [(p, g) for p, g in zip(preds, gold, strict=True) if g]
+    correct = sum(p in g for p, g in pairs)
+    return {"acc": correct / len(pairs) if pairs else float("nan"), "correct": correct, "n": len(pairs)}
+
+
+def hybrid_preds(preds: dict[str, dict[str, list[str | None]]], field: str, n: int) -> list[str | None]:
+    """What ``atelier enrich --backend hybrid`` would answer for ``field`` under field_sources.toml."""
+    from atelier.enrich.hybrid import load_sources
+
+    src = load_sources().source(field)
+    method = src.method if src.method in preds else ("keyword" if src.method == "default" else src.method)
+    if method in ("majority", "keyword_or_majority"):
+        base = preds["keyword"][field] if method == "keyword_or_majority" else [None] * n
+        return [b or src.fallback for b in base]
+    return preds[method][field] if method in preds else [None] * n
+
+
+def gold_dataset(settings: Settings, dataset: str, path: Path, args: argparse.Namespace,
+                 cache_file: Path) -> dict[str, Any]:
+    """Score every method on the test split of one gold file."""
+    from gold_set import load as load_gold
+
+    schema = load_schema()
+    records = load_gold(path)
+    train = [r for r in records if r["split"] == "train"]
+    test = [r for r in records if r["split"] == "test"]
+    products = gold_products(settings, dataset, test)
+    gold = {f: [r["std"].get(f) for r in test] for f in GOLD_FIELDS}
+    majority = {}
+    for f in GOLD_FIELDS:
+        counts = Counter(r["std"][f][0] for r in train if r["std"].get(f))
+        majority[f] = counts.most_common(1)[0][0] if counts else None
+    texts = [product_text(p.title, p.description) for p in products]
+    preds: dict[str, dict[str, list[str | None]]] = {}
+    runs: dict[str, Any] = {}
+    start = time.perf_counter()
+    near = NearestLabelExtractor(schema).pick_many(texts, GOLD_FIELDS)
+    runs["minilm"] = {"items_per_s": round(len(products) / (time.perf_counter() - start), 1)}
+    preds["minilm"] = {f: [d.get(f) for d in near] for f in GOLD_FIELDS}
+    kw = {f: [keyword_values(f"{p.title} {p.description}", schema, [f]).get(f) for p in products]
+          for f in GOLD_FIELDS}
+    preds["keyword"] = kw
+    preds["keyword_or_majority"] = {f: [k or majority[f] for k in kw[f]] for f in GOLD_FIELDS}
+    preds["keyword_or_minilm"] = {f: [k or m for k, m in zip(kw[f], preds["minilm"][f], strict=True)]
+                                  for f in GOLD_FIELDS}
+    preds["majority"] = {f: [majority[f]] * len(products) for f in GOLD_FIELDS}
+    # LLM variants on a fixed subset of the test split (first --llm-n by item id): CPU time is bounded.
+    llm_idx = sorted(range(len(test)), key=lambda i: test[i]["item_id"])[: args.llm_n]
+    llm_products = [products[i] for i in llm_idx]
+    re_out: dict[str, Any] = {}
+    if args.llm_n and "embedded" in args.backends:
+        gen, runs["embedded"] = run_backend(llm_products, GOLD_GEN_FIELDS, "embedded", settings, cache_file,
+                                            dataset, re_fields=tuple(schema.re))
+        full: dict[str, list[str | None]] = {f: [None] * len(test) for f in GOLD_FIELDS}
+        for f in GOLD_GEN_FIELDS:
+            for j, i in enumerate(llm_idx):
+                full[f][i] = gen[f][j]
+        preds["embedded"] = full
+        re_out["embedded"] = re_quality(gen["re"], [test[i]["re"] for i in llm_idx],
+                                        [texts[i] for i in llm_idx], schema)
+        re_out["embedded"]["examples"] = [{"item_id": test[i]["item_id"], "re": gen["re"][j]}
+                                          for j, i in enumerate(llm_idx[:8])]
+    if args.llm_n and not args.no_loglik:
+        ll, runs["loglik"] = run_loglik(llm_products, GOLD_LL_FIELDS, settings, dataset)
+        for k, per_field in ll.items():
+            if k.startswith("loglik_sum"):
+                continue
+            full = {f: [None] * len(test) for f in GOLD_FIELDS}
+            for f in GOLD_LL_FIELDS:
+                for j, i in enumerate(llm_idx):
+                    full[f][i] = per_field[f][j]
+            preds[k] = full
+    preds["hybrid"] = {f: hybrid_preds(preds, f, len(test)) for f in GOLD_FIELDS}
+    llm_set = set(llm_idx)
+    table: dict[str, Any] = {}
+    for f in GOLD_FIELDS:
+        if not any(gold[f]):
+            continue
+        row: dict[str, Any] = {"majority_value": majority[f], "methods": {}}
+        for m, p in preds.items():
+            row["methods"][m] = {"test": gold_accuracy(p[f], gold[f]),
+                                 "llm_subset": gold_accuracy([p[f][i] for i in llm_idx],
+                                                             [gold[f][i] for i in llm_idx])}
+        # Text-grounded only: leave out products whose gold value the annotator took from a column.
+        grounded = [g if f not in test[i].get("from_columns", []) else None for i, g in enumerate(gold[f])]
+        row["text_grounded_n"] = sum(bool(g) for g in grounded)
+        for m, p in preds.items():
+            row["methods"][m]["text_grounded"] = gold_accuracy(p[f], grounded)
+        row["llm_subset_n"] = sum(bool(gold[f][i]) for i in llm_set)
+        table[f] = row
+    return {"dataset": dataset, "gold_file": str(path.relative_to(ROOT)), "n_train": len(train), "n_test": len(test),
+            "llm_subset": [test[i]["item_id"] for i in llm_idx], "fields": table, "re": re_out, "runs": runs}
+
+
+GOLD_BASELINES = ["majority", "keyword", "keyword_or_majority", "minilm", "keyword_or_minilm"]
+GOLD_LLM = ["embedded", "loglik", "loglik_cal"]
+
+
+def gold_markdown(report: dict[str, Any]) -> str:
+    """Two tables: baselines on the whole gold test split; LLM variants vs baselines on the LLM subset."""
+    names = {**METHOD_NAMES, "hybrid": "`hybrid` now"}
+    asked = {"embedded": GOLD_GEN_FIELDS, "loglik": GOLD_LL_FIELDS, "loglik_cal": GOLD_LL_FIELDS}
+    out = []
+    for title, methods, part in (("Gold test split, all products", [*GOLD_BASELINES, "hybrid"], "test"),
+                                 ("LLM subset of the test split", [*GOLD_LLM, *GOLD_BASELINES, "hybrid"],
+                                  "llm_subset")):
+        lines = [f"{title}:", "", "| dataset | field | n | " + " | ".join(names[m] for m in methods) + " |",
+                 "|---" * (len(methods) + 3) + "|"]
+        for ds in report["datasets"]:
+            for f, row in ds["fields"].items():
+                if part == "llm_subset" and f not in GOLD_GEN_FIELDS + GOLD_LL_FIELDS:
+                    continue
+                cells = [row["methods"][m][part]["acc"] if m in row["methods"] and f in asked.get(m, [f])
+                         else float("nan") for m in methods]
+                best = max((c for c in cells if c == c), default=None)
+                shown = ["–" if c != c else (f"**{c:.2f}**" if c == best else f"{c:.2f}") for c in cells]
+                n = row["methods"]["majority"][part]["n"]
+                if n:
+                    lines.append(f"| {ds['dataset']} | {f} | {n} | " + " | ".join(shown) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+LLM_COLUMNS = ("embedded", "loglik", "loglik_cal")
+
+
+def gold_winners(report: dict[str, Any]) -> dict[str, Any]:
+    """Per field, pooled over catalogues: the best baseline on the test split and the best LLM on its subset,
+    each compared on the same items, next to what field_sources.toml uses."""
+    from atelier.enrich.hybrid import BASELINES, load_sources
+
+    sources = load_sources()
+    out: dict[str, Any] = {}
+    for f in GOLD_FIELDS:
+        tot: dict[str, list[int]] = {}
+        sub: dict[str, list[int]] = {}
+        for ds in report["datasets"]:
+            row = ds["fields"].get(f)
+            if row is None:
+                continue
+            for m, res in row["methods"].items():
+                t, s = tot.setdefault(m, [0, 0]), sub.setdefault(m, [0, 0])
+                t[0] += res["test"]["correct"]
+                t[1] += res["test"]["n"]
+                s[0] += res["llm_subset"]["correct"]
+                s[1] += res["llm_subset"]["n"]
+        if not tot:
+            continue
+        acc = {m: c / n for m, (c, n) in tot.items() if n and m in BASELINES}
+        best = max(acc, key=lambda m: (acc[m], -BASELINES.index(m)))
+        entry: dict[str, Any] = {"best_baseline": best, "best_baseline_acc": round(acc[best], 3),
+                                 "field_sources": sources.source(f).method,
+                                 "field_sources_acc": round(tot["hybrid"][0] / tot["hybrid"][1], 3)}
+        llm_fields = {"embedded": GOLD_GEN_FIELDS, "loglik": GOLD_LL_FIELDS, "loglik_cal": GOLD_LL_FIELDS}
+        llm = {m: sub[m][0] / sub[m][1] for m in LLM_COLUMNS if m in sub and sub[m][1] and f in llm_fields[m]}
+        if llm:
+            top = max(llm, key=lambda m: llm[m])
+            base_sub = sub[best][0] / sub[best][1]
+            entry.update(best_llm=top, best_llm_acc_subset=round(llm[top], 3),
+                         best_baseline_acc_subset=round(base_sub, 3), llm_beats_baseline=llm[top] > base_sub)
+        out[f] = entry
+    return out
+
+
+def gold_main(argv: list[str]) -> None:
+    """``bench_extraction.py gold``: score the extractors on the gold test split(s)."""
+    ap = argparse.ArgumentParser(prog="bench_extraction.py gold", description=gold_main.__doc__)
+    ap.add_argument("--datasets", nargs="+", default=["hm", "myntra"], choices=sorted(FIELDS))
+    ap.add_argument("--llm-n", type=int, default=40, help="test products per dataset given to the LLM variants "
+                    "(the first N by item id; 0 = none)")
+    ap.add_argument("--backends", nargs="*", default=["embedded"], help="generating backends (RE phrases too)")
+    ap.add_argument("--no-loglik", action="store_true", help="skip the log-likelihood scorer")
+    ap.add_argument("--tag", default="", help="suffix for the result file name")
+    ap.add_argument("--table", type=Path, help="only print the tables of a saved gold report")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(gold_markdown(json.loads(args.table.read_text())))
+        return
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    settings = Settings()
+    commit = git_commit()
+    cache_file = settings.run_dir / "enrich" / "bench-cache.jsonl"
+    gold_dir = ROOT / "benchmarks" / "gold"
+    datasets = [gold_dataset(settings, ds, gold_dir / f"{ds}.jsonl", args, cache_file) for ds in args.datasets
+                if (gold_dir / f"{ds}.jsonl").exists()]
+    report: dict[str, Any] = {
+        "command": " ".join(["bench_extraction.py", "gold", *argv]),
+        "git_commit": commit, "machine": machine(), "load_average": os.getloadavg(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "prompt_version": PROMPT_VERSION,
+        "gold_guide": "benchmarks/gold/GUIDE.md",
+        "scoring": {"std": "a prediction is right when it is one of the gold values; gold null is skipped; "
+                           "no answer or unknown is wrong; majority = most frequent gold value of the train split "
+                           "of the same catalogue; LLM columns are measured on the first --llm-n test products "
+                           "by item id (llm_subset), baselines on all test products (test) and on that subset",
+                    "re": "phrases normalised (lower case, tokens, stop words and plural -s dropped); a predicted "
+                          "phrase matches a gold phrase when the Dice overlap of their token sets is >= 0.5; "
+                          "precision_strict = matched in the same RE field, precision_loose = in any RE field of "
+                          "the product; recall = gold phrases matched by a predicted phrase of the same field; "
+                          "echo_share = predicted phrases equal to a field name, guide wording or schema example"},
+        "datasets": datasets,
+    }
+    report["winners"] = gold_winners(report)
+    name = f"extraction-gold-{dt.date.today()}{'-' + args.tag if args.tag else ''}.json"
+    out = ROOT / "benchmarks" / "results" / name
+    out.write_text(json.dumps(report, indent=2, default=float))
+    print(gold_markdown(report))
+    for ds in datasets:
+        for m, q in ds["re"].items():
+            print(ds["dataset"], m, "RE pooled:", {k: q["pooled"][k] for k in ("precision_strict",
+                  "precision_loose", "recall", "pred", "gold")}, "echo", q["echo_share"])
+    print(json.dumps(report["winners"], indent=1))
+    print(f"written: {out}")
+
+
 METHOD_NAMES = {
     "embedded": "generation (grammar)", "loglik": "log-likelihood", "loglik_cal": "log-likelihood, calibrated",
     "minilm": "MiniLM nearest label", "keyword": "keyword rules", "keyword_or_majority": "keyword → majority",
@@ -289,6 +619,10 @@ def select(datasets: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run each dataset, write the JSON report, print the table."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gold"]:
+        gold_main(argv[1:])
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=100, help="products per dataset (fixed random sample)")
     ap.add_argument("--seed", type=int, default=0)
@@ -307,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     datasets = [run_dataset(settings, ds, args.n, args.seed, args.split_seed, args.backends, not args.no_loglik,
                             cache_file) for ds in args.datasets]
     report: dict[str, Any] = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join([Path(sys.argv[0]).name, *argv]),
         "git_commit": commit, "machine": machine(), "load_average": os.getloadavg(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "prompt_version": PROMPT_VERSION,
         "datasets": datasets,

@@ -150,46 +150,45 @@ def from_notes(dataset: str, text: str, schema: Schema) -> list[dict[str, Any]]:
 
 def _record(dataset: str, line: str, schema: Schema, labels: dict[str, dict[str, str]]) -> dict[str, Any]:
     """One gold record from one line of notes."""
-    if True:
-        std_part, _, re_part = line.partition("|")
-        item_id, *pairs = [p.strip() for p in std_part.split(";") if p.strip()]
-        std: dict[str, Any] = {}
-        cols: list[str] = []
-        for pair in pairs:
-            key, _, raw = (x.strip() for x in pair.partition("="))
-            if key == "fc":
-                cols = [KEYS[k.strip()] for k in raw.split(",")]
-                continue
-            name = KEYS[key]
-            if raw == "?":
-                std[name] = None
-                continue
-            values = []
-            for v in (x.strip() for x in raw.split(",")):
-                v = SHORT.get(name, {}).get(v, v)
-                value = labels[name].get(v) or schema.std[name].normalise(v)
-                if value is None:
-                    raise ValueError(f"{item_id}: {name}={v!r} is not a value")
-                values.append(value)
-            std[name] = values
-        group = group_of(std["category"][0])
-        full: dict[str, Any] = {"category": std["category"], "category_specification": [group]}
-        for name in applicable(group, schema):
-            full.setdefault(name, std.get(name))
-        extra = set(std) - set(full)
-        if extra:
-            raise ValueError(f"{item_id}: {sorted(extra)} do not apply to {group}")
-        re_: dict[str, list[str]] = {name: [] for name in schema.re}
-        for pair in (p.strip() for p in re_part.split(";") if p.strip()):
-            key, _, raw = (x.strip() for x in pair.partition("="))
-            re_[RE_KEYS[key]] = [x.strip().lower() for x in raw.split(",") if x.strip()]
-        rec = {"dataset": dataset, "item_id": item_id, "split": split_of(dataset, item_id), "std": full, "re": re_}
-        if cols:
-            rec["from_columns"] = cols
-        problems = check_line(rec, schema)
-        if problems:
-            raise ValueError(f"{item_id}: {'; '.join(problems)}")
-        return rec
+    std_part, _, re_part = line.partition("|")
+    item_id, *pairs = [p.strip() for p in std_part.split(";") if p.strip()]
+    std: dict[str, Any] = {}
+    cols: list[str] = []
+    for pair in pairs:
+        key, _, raw = (x.strip() for x in pair.partition("="))
+        if key == "fc":
+            cols = [KEYS[k.strip()] for k in raw.split(",")]
+            continue
+        name = KEYS[key]
+        if raw == "?":
+            std[name] = None
+            continue
+        values = []
+        for v in (x.strip() for x in raw.split(",")):
+            v = SHORT.get(name, {}).get(v, v)
+            value = labels[name].get(v) or schema.std[name].normalise(v)
+            if value is None:
+                raise ValueError(f"{item_id}: {name}={v!r} is not a value")
+            values.append(value)
+        std[name] = values
+    group = group_of(std["category"][0])
+    full: dict[str, Any] = {"category": std["category"], "category_specification": [group]}
+    for name in applicable(group, schema):
+        full.setdefault(name, std.get(name))
+    extra = set(std) - set(full)
+    if extra:
+        raise ValueError(f"{item_id}: {sorted(extra)} do not apply to {group}")
+    re_: dict[str, list[str]] = {name: [] for name in schema.re}
+    for pair in (p.strip() for p in re_part.split(";") if p.strip()):
+        key, _, raw = (x.strip() for x in pair.partition("="))
+        re_[RE_KEYS[key]] = [x.strip().lower() for x in raw.split(",") if x.strip()]
+    rec = {"dataset": dataset, "item_id": item_id, "split": split_of(dataset, item_id), "std": full, "re": re_}
+    if cols:
+        rec["from_columns"] = cols
+    problems = check_line(rec, schema)
+    if problems:
+        raise ValueError(f"{item_id}: {'; '.join(problems)}")
+    return rec
 
 
 def show(ids: list[str]) -> None:
