@@ -327,14 +327,21 @@ def re_quality(preds: list[dict[str, list[str]]], golds: list[dict[str, list[str
 
     Strict: a predicted phrase counts when it matches (``phrase_match``) a gold phrase of the same RE
     field; loose: of any RE field of the product. Echo: the phrase is a prompt/schema phrase
-    (``prompt_examples``) or, as a whole, does not occur in the product text but does in the guide.
+    (``prompt_examples``: field names, instruction wording, schema examples). Guide copy: the phrase
+    occurs in the prompt's fixed guide (which lists every STD label) but not in the product text.
     """
+    import re
+
+    from atelier.enrich.prompt import _guide
+
     examples = prompt_examples(schema)
+    guide = f" {' '.join(re.findall(r'[a-z0-9]+', _guide(schema).lower()))} "
     rows: dict[str, dict[str, int]] = {}
-    n_pred = n_echo = n_in_text = 0
+    n_pred = n_echo = n_in_text = n_guide = 0
     for pred, gold, text in zip(preds, golds, texts, strict=True):
         all_gold = [g for phrases in gold.values() for g in phrases]
         low = normalise_text(text)
+        words = f" {' '.join(re.findall(r'[a-z0-9]+', low))} "
         for name in schema.re:
             p, g = pred.get(name, []), gold.get(name, [])
             r = rows.setdefault(name, {"pred": 0, "gold": 0, "tp_strict": 0, "tp_loose": 0, "found_gold": 0})
@@ -347,6 +354,8 @@ def re_quality(preds: list[dict[str, list[str]]], golds: list[dict[str, list[str
                 n_pred += 1
                 n_echo += normalise_text(x) in examples
                 n_in_text += normalise_text(x) in low
+                w = f" {' '.join(re.findall(r'[a-z0-9]+', x.lower()))} "
+                n_guide += w.strip() != "" and w in guide and w not in words
     total = {k: sum(r[k] for r in rows.values()) for k in ("pred", "gold", "tp_strict", "tp_loose", "found_gold")}
 
     def pr(r: dict[str, int]) -> dict[str, Any]:
@@ -356,6 +365,7 @@ def re_quality(preds: list[dict[str, list[str]]], golds: list[dict[str, list[str
 
     return {"pooled": pr(total), "fields": {n: pr(r) for n, r in rows.items()},
             "echo_share": n_echo / n_pred if n_pred else None,
+            "guide_copy_share": n_guide / n_pred if n_pred else None,
             "verbatim_in_text_share": n_in_text / n_pred if n_pred else None,
             "products": len(preds), "products_with_any_phrase": sum(any(p.values()) for p in preds)}
 
@@ -422,8 +432,8 @@ def gold_dataset(settings: Settings, dataset: str, path: Path, args: argparse.Na
         preds["embedded"] = full
         re_out["embedded"] = re_quality(gen["re"], [test[i]["re"] for i in llm_idx],
                                         [texts[i] for i in llm_idx], schema)
-        re_out["embedded"]["examples"] = [{"item_id": test[i]["item_id"], "re": gen["re"][j]}
-                                          for j, i in enumerate(llm_idx[:8])]
+        re_out["embedded"]["outputs"] = [{"item_id": test[i]["item_id"], "re": gen["re"][j]}
+                                         for j, i in enumerate(llm_idx)]
     if args.llm_n and not args.no_loglik:
         ll, runs["loglik"] = run_loglik(llm_products, GOLD_LL_FIELDS, settings, dataset)
         for k, per_field in ll.items():
@@ -560,7 +570,9 @@ def gold_main(argv: list[str]) -> None:
                           "phrase matches a gold phrase when the Dice overlap of their token sets is >= 0.5; "
                           "precision_strict = matched in the same RE field, precision_loose = in any RE field of "
                           "the product; recall = gold phrases matched by a predicted phrase of the same field; "
-                          "echo_share = predicted phrases equal to a field name, guide wording or schema example"},
+                          "echo_share = predicted phrases equal to a field name, guide wording or schema example; "
+                          "guide_copy_share = phrases found in the prompt's fixed guide (it lists every STD "
+                          "label) but not in the product text"},
         "datasets": datasets,
     }
     report["winners"] = gold_winners(report)
@@ -571,7 +583,8 @@ def gold_main(argv: list[str]) -> None:
     for ds in datasets:
         for m, q in ds["re"].items():
             print(ds["dataset"], m, "RE pooled:", {k: q["pooled"][k] for k in ("precision_strict",
-                  "precision_loose", "recall", "pred", "gold")}, "echo", q["echo_share"])
+                  "precision_loose", "recall", "pred", "gold")}, "echo", q["echo_share"], "guide copy",
+                  q["guide_copy_share"])
     print(json.dumps(report["winners"], indent=1))
     print(f"written: {out}")
 
