@@ -829,8 +829,11 @@ class VectorStore:
     ) -> list[list[tuple[str, float]]]:
         """Top-k for many queries over one connection and one transaction.
 
-        Settings and query go to the server as one pipeline (one round trip per query instead of four),
-        and the model's registration usually comes from memory (``MODEL_CACHE_S``)."""
+        BEGIN, the settings, every query and COMMIT go to the server as one pipeline: one round trip
+        for the batch instead of four per query (on a busy machine each round trip waits for the
+        server process to be scheduled). The model's registration usually comes from memory
+        (``MODEL_CACHE_S``). A de-duplicated query that kept fewer than k groups is asked again with
+        more candidates, in a transaction of its own."""
         if k < 1:
             raise StoreError(f"k must be >= 1, got {k}")
         with self.connection() as conn:
@@ -839,8 +842,17 @@ class VectorStore:
                 queries = [_as_query(q, model.dim) for q in query_vectors]
                 plan = _SearchPlan(model, k, filters or SearchFilters(), list(exclude_ids), dedupe_groups)
                 try:
-                    with conn.pipeline(), conn.transaction():
-                        return [plan.run(conn, q, self.search_config, exact=exact) for q in queries]
+                    with conn.pipeline(), conn.transaction():  # COMMIT is queued, then the pipeline syncs
+                        sent = [plan.send(conn, q, self.search_config, exact=exact) for q in queries]
+                    # one round trip: every cursor now holds its rows
+                    out = []
+                    for q, (cursor, n) in zip(queries, sent, strict=True):
+                        hits = plan.take(cursor.fetchall(), n)
+                        if hits is None:
+                            with conn.transaction():
+                                hits = plan.run(conn, q, self.search_config, exact=exact, n=4 * n)
+                        out.append(hits)
+                    return out
                 except psycopg.errors.UndefinedTable:
                     if attempt:
                         raise
@@ -1065,6 +1077,53 @@ class _SearchPlan:
             )
         return cand + sql.SQL("SELECT item_id, -dist, 0 FROM cand ORDER BY dist LIMIT %(k)s")
 
+    def send(
+        self,
+        conn: Connection,
+        query: np.ndarray,
+        cfg: SearchConfig,
+        *,
+        exact: bool = False,
+        ef_factor: float | None = None,
+        n: int | None = None,
+    ) -> tuple[psycopg.Cursor[TupleRow], int]:
+        """Issue the settings and the query of ``n`` candidates (default: the first try) without reading
+        the answer, inside the caller's transaction (SET LOCAL settings end with it); in pipeline mode
+        nothing waits for the server yet."""
+        clauses, params = self._where()
+        factor = ef_factor or self.model.ef_factor or cfg.ef_factor
+        n = n or (self.k if not self.dedupe else math.ceil(self.k * cfg.dedupe_overfetch))
+        # How far the index scan must look so that k rows survive the WHERE clause:
+        # - metadata filters can discard most candidates: a relaxed iterative scan keeps walking the
+        #   graph (the CTE re-sorts what comes slightly out of order);
+        # - exclusions drop at most len(exclude_ids) known rows: a list that much longer suffices;
+        # - de-dup alone: ``run`` fetches 4x more candidates when too few groups survive, so no
+        #   iterative scan (measured: it costs ~40% latency even when unused);
+        # - either way, a strict iterative scan once the list would exceed pgvector's cap of 1000.
+        mode: Literal["off", "relaxed_order", "strict_order"] = "off"
+        reach = n + len(self.exclude_ids)
+        if not self.filters.is_empty():
+            mode = "relaxed_order"
+        elif reach > MAX_EF_SEARCH:
+            mode = "strict_order"
+        if exact:
+            conn.execute("SELECT set_config('enable_indexscan', 'off', true)")
+        else:
+            conn.execute(
+                "SELECT set_config('hnsw.ef_search', %s, true),"
+                " set_config('hnsw.iterative_scan', %s, true),"
+                " set_config('hnsw.max_scan_tuples', %s, true)",
+                (str(self.ef_search(cfg, factor, reach)), mode, str(max(cfg.max_scan_tuples, 2 * n))),
+            )
+        return conn.execute(self._sql(clauses), {**params, "q": query, "n": n, "k": self.k}), n
+
+    def take(self, rows: Sequence[TupleRow], n: int) -> list[tuple[str, float]] | None:
+        """The hits of an answer to ``n`` candidates, or None when de-dup left fewer than k groups and
+        more candidates are there to fetch."""
+        if self.dedupe and len(rows) < self.k and rows and int(rows[0][2]) >= n and n < 100 * self.k:
+            return None
+        return [(str(r[0]), float(r[1])) for r in rows]
+
     def run(
         self,
         conn: Connection,
@@ -1073,41 +1132,16 @@ class _SearchPlan:
         *,
         exact: bool = False,
         ef_factor: float | None = None,
+        n: int | None = None,
     ) -> list[tuple[str, float]]:
-        """Execute inside the caller's transaction (SET LOCAL settings end with it)."""
-        clauses, params = self._where()
-        statement = self._sql(clauses)
-        factor = ef_factor or self.model.ef_factor or cfg.ef_factor
-        n = self.k if not self.dedupe else math.ceil(self.k * cfg.dedupe_overfetch)
-        # How far the index scan must look so that k rows survive the WHERE clause:
-        # - metadata filters can discard most candidates: a relaxed iterative scan keeps walking the
-        #   graph (the CTE re-sorts what comes slightly out of order);
-        # - exclusions drop at most len(exclude_ids) known rows: a list that much longer suffices;
-        # - de-dup alone: the loop below fetches 4x more candidates when too few groups survive, so no
-        #   iterative scan (measured: it costs ~40% latency even when unused);
-        # - either way, a strict iterative scan once the list would exceed pgvector's cap of 1000.
-        if exact:
-            conn.execute("SELECT set_config('enable_indexscan', 'off', true)")
+        """Execute inside the caller's transaction, fetching 4x more candidates while de-dup leaves
+        fewer than k groups (``n``: the first try's candidates, default from k)."""
         while True:
-            mode: Literal["off", "relaxed_order", "strict_order"] = "off"
-            reach = n + len(self.exclude_ids)
-            if not self.filters.is_empty():
-                mode = "relaxed_order"
-            elif reach > MAX_EF_SEARCH:
-                mode = "strict_order"
-            if not exact:
-                conn.execute(
-                    "SELECT set_config('hnsw.ef_search', %s, true),"
-                    " set_config('hnsw.iterative_scan', %s, true),"
-                    " set_config('hnsw.max_scan_tuples', %s, true)",
-                    (str(self.ef_search(cfg, factor, reach)), mode, str(max(cfg.max_scan_tuples, 2 * n))),
-                )
-            rows = conn.execute(statement, {**params, "q": query, "n": n, "k": self.k}).fetchall()
-            # De-dup may leave fewer than k groups: fetch more candidates while there are more to fetch.
-            if self.dedupe and len(rows) < self.k and rows and int(rows[0][2]) >= n and n < 100 * self.k:
-                n *= 4
-                continue
-            return [(str(r[0]), float(r[1])) for r in rows]
+            cursor, n = self.send(conn, query, cfg, exact=exact, ef_factor=ef_factor, n=n)
+            hits = self.take(cursor.fetchall(), n)
+            if hits is not None:
+                return hits
+            n *= 4
 
 
 # --- the functions the CLI calls --------------------------------------------------------------
