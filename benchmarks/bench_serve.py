@@ -122,8 +122,9 @@ def run_load(base: str, mix: list[tuple[str, dict[str, Any]]], clients: int) -> 
             "stages": stages, "requests_per_s": round(len(results) / wall, 1), "wall_s": round(wall, 2)}
 
 
-def ingest_to_live(base: str, key: str, run_dir: Path, n: int, seed: int) -> list[dict[str, Any]]:
-    """Seconds from POST /items to the product's first appearance in /recommend for a matching cart."""
+def ingest_to_live(base: str, key: str, run_dir: Path, n: int, seed: int, k: int = 12) -> list[dict[str, Any]]:
+    """Seconds from POST /items to the product's first appearance in the top ``k`` of /recommend for a
+    matching cart."""
     items = pd.read_parquet(run_dir / "data" / "hm" / "items.parquet")
     rng = random.Random(seed)
     rows = items.iloc[rng.sample(range(len(items)), n)]
@@ -143,7 +144,7 @@ def ingest_to_live(base: str, key: str, run_dir: Path, n: int, seed: int) -> lis
             rank, polls = None, 0
             while time.perf_counter() - t0 < LIVE_DEADLINE_S and rank is None:
                 polls += 1
-                answer = client.post("/recommend", json={"cart": [row.item_id], "k": 12}).json()
+                answer = client.post("/recommend", json={"cart": [row.item_id], "k": k}).json()
                 ids = [i["item_id"] for i in answer["items"]]
                 rank = ids.index(new_id) + 1 if new_id in ids else None
                 if rank is None:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from atelier.config import Settings
-from atelier.store import IndexConfig, VectorStore, open_store
+from atelier.store import IndexConfig, SearchConfig, VectorStore, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 100
@@ -196,6 +196,28 @@ def bench_numpy(x: np.ndarray, queries: np.ndarray) -> dict[str, Any]:
     return {"qps_single_thread": len(lat) / sum(lat), **percentiles(lat)}
 
 
+def server_side(store: VectorStore, model_id: str, queries: np.ndarray, ef_search: int) -> dict[str, float]:
+    """Server-side execution time of the plain HNSW top-100 (EXPLAIN ANALYZE), without the client round trip.
+
+    The statement is the store's search without filters (``ORDER BY embedding <#> q LIMIT 100`` at the
+    calibrated ef_search), so the gap to the client-side p50 is what the round trip, psycopg and the
+    pool cost."""
+    info = store.model(model_id)
+    times = []
+    with store.connection() as conn, conn.transaction():
+        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef_search),))
+        for q in queries:
+            row = conn.execute(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) SELECT item_id, embedding <#> %s AS d FROM {info.table_name}"
+                f" ORDER BY d LIMIT {K}",
+                (q,),
+            ).fetchone()
+            assert row is not None
+            plan = row[0][0] if isinstance(row[0], list) else json.loads(row[0])[0]
+            times.append(plan["Execution Time"] / 1000)
+    return percentiles(times)
+
+
 def bench_size(
     store: VectorStore,
     x: np.ndarray,
@@ -224,6 +246,7 @@ def bench_size(
         found.append([int(h[1:]) for h, _ in hits])
     pg_recall = recall(found, truth)
     returned = min(len(f) for f in found)
+    server = server_side(store, model_id, queries[:100], int(check["ef_search"]))
     exact_lat = []
     for q in queries[:20]:
         t0 = time.perf_counter()
@@ -249,6 +272,7 @@ def bench_size(
         "qps_single_client": len(lat) / sum(lat),
         **percentiles(lat),
         "sql_exact": percentiles(exact_lat),
+        "server_side_hnsw": server,
         "concurrency": conc,
     }
     return {
@@ -261,6 +285,7 @@ def bench_size(
         "ratios": {
             "p50_pg_over_faiss": pg["p50_ms"] / fai["p50_ms"],
             "p50_pg_over_numpy": pg["p50_ms"] / npy["p50_ms"],
+            "p50_pg_server_side_over_faiss": server["p50_ms"] / fai["p50_ms"],
             "qps1_pg_over_faiss": pg["qps_single_client"] / fai["qps_single_thread"],
             "build_pg_over_faiss": load.index_s / fai["build_s"],
         },
@@ -298,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--m", type=int, default=16, help="HNSW m")
     parser.add_argument("--ef-construction", type=int, default=64)
+    parser.add_argument("--recall-target", type=float, default=SearchConfig().recall_target,
+                        help="recall@100 the store's probe calibrates ef_search to (the store's default: 0.95)")
     parser.add_argument("--database-url", default="", help="external PostgreSQL (default: embedded, temp dir)")
     parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/store-<date>.json)")
     args = parser.parse_args(argv)
@@ -331,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_level": args.seconds,
             "hnsw_m": args.m,
             "hnsw_ef_construction": args.ef_construction,
+            "recall_target": args.recall_target,
             "faiss": "IndexHNSWFlat(d, 32, METRIC_INNER_PRODUCT), efConstruction 40 (default)",
         },
     }
@@ -338,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     server = None
     try:
-        with open_store(settings, pool_size=max(args.clients)) as store:
+        search = SearchConfig(recall_target=args.recall_target)
+        with open_store(settings, pool_size=max(args.clients), search=search) as store:
             server = store.server
             with store.connection() as conn:
                 version_row = conn.execute("SHOW server_version").fetchone()

@@ -3,7 +3,8 @@
 For each enricher configuration the service starts in its own process over the benchmark run folder
 (its own PostgreSQL: the products are written there and deleted afterwards), then
 ``bench_serve.ingest_to_live`` posts catalogue articles re-listed under a new id and title and polls
-/recommend with the original article as the cart until the new one is in the top 12. Configurations:
+/recommend with the original article as the cart until the new one is in the top 100 (its rank is
+kept). Configurations:
 the catalogue's column mapping (``columns``, the default), columns + the ``fake`` LLM backend
 (deterministic rules: the cost of the LLM path without a model), and columns + the ``embedded``
 Gemma 3 270M backend when llama_cpp is installed (fewer products: seconds each).
@@ -19,6 +20,10 @@ import numpy as np
 from benchmarks.perf.common import Result, bench_run_dir
 from benchmarks.perf.server import service
 
+# "Live" = in the top 100 of /recommend for a cart holding the original article (bench_serve.py's top 12
+# measures quality as much as latency: an LLM-enriched copy differs from the original and may rank 13th).
+LIVE_K = 100
+
 
 def llama_installed() -> bool:
     import importlib.util
@@ -30,7 +35,7 @@ def one_config(run_dir: Path, env: dict[str, str], products: int, seed: int) -> 
     from bench_serve import ingest_to_live
 
     with service(run_dir, env=env) as svc:
-        rows = ingest_to_live(svc["base"], svc["key"], run_dir, products, seed)
+        rows = ingest_to_live(svc["base"], svc["key"], run_dir, products, seed, k=LIVE_K)
         startup = svc["startup_s"]
     live = [r["live_s"] for r in rows if r["live_s"] is not None]
     post = [r["post_s"] for r in rows]
@@ -59,6 +64,7 @@ def run(args: Any) -> Path:
         print(f"  median {out[name]['median_live_s']} s, max {out[name]['max_live_s']} s, "
               f"ranks {[p['rank'] for p in out[name]['products']]}", flush=True)
     res["configs"] = out
+    res["live_means"] = f"in the top {LIVE_K} of POST /recommend for a cart holding the original article"
     if not llama_installed():
         res["skipped"] = "embedded LLM: llama_cpp is not installed in this venv (make llm)"
     return res.write()

@@ -157,8 +157,8 @@ def run(args: Any) -> Path:
             configs["retrieval only (no rerank)"] = [s for s in res["breakdown"]["stages"] if s != "rerank"]
         configs["popularity only (HTTP floor)"] = ["popularity"]
         runs: list[tuple[str, list[str] | None, int, dict[str, str] | None]] = []
-        for name, stages in configs.items():
-            for workers in args.workers:
+        for name, stages in configs.items():  # extra worker counts for the full chain only
+            for workers in args.workers if name == "full chain" else [1]:
                 runs.append((name if workers == 1 else f"{name}, {workers} workers", stages, workers, None))
         if args.omp_one:  # the same full chain with torch/OpenMP on one thread per process
             runs.insert(1, ("full chain, OMP_NUM_THREADS=1", None, 1, {"OMP_NUM_THREADS": "1"}))
