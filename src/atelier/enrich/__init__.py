@@ -3,7 +3,7 @@
 Public API (what the CLI and the web service call):
 
 - ``get_extractor(name, settings)``: a backend by name (``embedded``, ``embedded-ll``,
-  ``embedded-ll-cal``, ``minilm``, ``keyword``, ``hybrid``, ``openai``, ``fake``);
+  ``embedded-ll-cal``, ``minilm``, ``keyword``, ``hybrid``, ``openai``, ``shipped``, ``fake``);
 - ``enrich_product(raw, extractor, cache=...)``: one product -> ``EnrichmentResult`` (an item, or
   an error record; never raises for a bad answer);
 - ``enrich_products`` / ``enrich_dataset``: batches with bounded concurrency, the cache, outputs.
@@ -21,6 +21,7 @@ from atelier.enrich import fieldwise as _fieldwise  # noqa: F401  (registers "ke
 from atelier.enrich import hybrid as _hybrid  # noqa: F401  (registers "hybrid")
 from atelier.enrich import loglik as _loglik  # noqa: F401  (registers "embedded-ll", "embedded-ll-cal")
 from atelier.enrich import openai_backend as _openai  # noqa: F401  (registers "openai")
+from atelier.enrich import shipped as _shipped  # noqa: F401  (registers "shipped")
 from atelier.enrich.base import (
     BackendError,
     ExtractionRequest,

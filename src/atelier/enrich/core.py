@@ -141,6 +141,11 @@ def _loads(raw: str) -> tuple[Any, list[str]]:
         return json.loads(raw), []
     except json.JSONDecodeError:
         pass
+    try:
+        # llama.cpp's JSON grammar lets raw control characters (newlines) into strings; strict JSON does not
+        return json.loads(raw, strict=False), ["json: repaired (control characters in strings)"]
+    except json.JSONDecodeError:
+        pass
     text = _FENCE.sub("", raw.strip())
     start, end = text.find("{"), text.rfind("}")
     if start >= 0 and end > start:
