@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-random", action="store_true", help="skip the random-initialisation ablation")
     ap.add_argument("--transfer-source", default="table", choices=["table", "encoded"],
                     help="tower tables, or the tower's vectors of one-attribute items")
+    ap.add_argument("--loss", default="pointwise", choices=["pointwise", "listwise"])
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--key", default=None, help="entry in the results file (default: dataset/retriever)")
     args = ap.parse_args(argv)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             recs.append(RerankRecommender(
                 retriever(args.dataset, args.retriever), ckpt, enriched=enriched,
                 cfg=RankerConfig(0, 0, transfer=transfer, transfer_source=args.transfer_source, seed=seed),
-                train=RerankTrainConfig(max_users=args.train_users, epochs=args.epochs, seed=seed),
+                train=RerankTrainConfig(max_users=args.train_users, epochs=args.epochs, seed=seed, loss=args.loss),
                 name=f"rerank {'transfer' if transfer else 'random'} seed={seed}",
                 progress=lambda m: print(f"  {m}", flush=True)))
     report = evaluate(args.dataset, RUN_DIR / "data" / args.dataset, recs, RUN_DIR / "features",
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "git_commit": git_commit(), "machine": machine(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "retriever": base.name, "transfer_source": args.transfer_source, "split": report["split"], "table": table,
+        "retriever": base.name, "transfer_source": args.transfer_source, "loss": args.loss, "split": report["split"],
+        "table": table,
         "latency_100_candidates": latency_ms(reranker, args.dataset),
         "explanation_example": explanation_example(reranker, args.dataset),
         "training": {r.name: r.history for r in recs if isinstance(r, RerankRecommender)},
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    for n, m in models.items()},
     }
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    suffix = "" if args.transfer_source == "table" else f"/{args.transfer_source}"
+    suffix = ("" if args.transfer_source == "table" else f"/{args.transfer_source}") + \
+        ("" if args.loss == "pointwise" else f"/{args.loss}")
     results[args.key or f"{args.dataset}/{args.retriever}{suffix}"] = result
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=float))

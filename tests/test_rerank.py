@@ -26,6 +26,7 @@ from atelier.rerank import (
     RerankTrainConfig,
     Rows,
     encoded_tables,
+    listwise_loss,
     load_scorer,
     predict,
     ranker_path,
@@ -191,6 +192,36 @@ def test_overfit_a_tiny_set() -> None:
     rows = Rows(x, y, np.zeros(64, int), np.zeros(64, object), {})
     hist = train_ranker(model, rows, RerankTrainConfig(epochs=150, batch_size=64, lr=1e-2))
     assert hist["loss"][-1] < 0.1 < hist["initial_loss"]
+
+
+def test_listwise_loss_is_softmax_cross_entropy_per_user() -> None:
+    logits = torch.tensor([2.0, 0.5, -1.0, 0.3, 0.1, 3.0, -2.0])
+    y = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    group = torch.tensor([4, 4, 4, 7, 7, 9, 9])  # user 7 bought nothing: left out
+    expected = torch.stack([-torch.log_softmax(logits[:3], 0)[0],
+                            -torch.log_softmax(logits[5:], 0).mean()]).mean()
+    torch.testing.assert_close(listwise_loss(logits, y, group), expected)
+
+
+def test_listwise_training_learns_the_order_within_users() -> None:
+    cfg = RankerConfig(std_size=50, re_size=40, embedding_dim=8, dropout=0.0, transfer=False)
+    model = build_ranker(cfg)
+    rng = np.random.default_rng(0)
+    width = max(b for _, b in model.feature_index.values())
+    x = np.zeros((200, width), np.float32)
+    a, _ = model.feature_index["item_category"]
+    x[:, a] = rng.integers(8, 50, 200)  # negatives never share the bought category
+    group = np.repeat(np.arange(20), 10)
+    y = np.zeros(200, np.float32)
+    y[np.arange(20) * 10 + rng.integers(0, 10, 20)] = 1.0
+    x[y == 1, a] = 7  # the bought item of every user has category id 7
+    rows = Rows(x, y, group, np.zeros(200, object), {})
+    hist = train_ranker(model, rows, RerankTrainConfig(epochs=40, batch_size=50, lr=1e-2, loss="listwise"))
+    assert hist["loss"][-1] < 0.2 * hist["loss"][0]
+    p = predict(model, x).reshape(20, 10)
+    assert (p.argmax(1) == y.reshape(20, 10).argmax(1)).all() and model.out.task == "binary"
+    with pytest.raises(ValueError, match="unknown ranker loss"):
+        train_ranker(model, rows, RerankTrainConfig(epochs=1, loss="pairwise"))
 
 
 def test_checkpoint_round_trip(tmp_path: Path, toy: tuple[TrainData, Path]) -> None:

@@ -316,6 +316,7 @@ def train_ranker_cmd(
     epochs: Annotated[int, typer.Option(help="Passes over the reranker's rows")] = 3,
     max_users: Annotated[int, typer.Option(help="Label-window users sampled for training rows")] = 20000,
     random_init: Annotated[bool, typer.Option(help="Ablation: random embeddings instead of the item tower's")] = False,
+    loss: Annotated[str, typer.Option(help="pointwise (log loss per row) or listwise (softmax per user)")] = "pointwise",
     seed: int = 0,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
@@ -325,7 +326,7 @@ def train_ranker_cmd(
     from atelier.rerank import RerankTrainConfig
 
     settings = _settings(data_dir, run_dir)
-    tcfg = RerankTrainConfig(epochs=epochs, max_users=max_users, seed=seed)
+    tcfg = RerankTrainConfig(epochs=epochs, max_users=max_users, seed=seed, loss=loss)
     cfg = RankerConfig(0, 0, transfer=not random_init, seed=seed)
     path, history = _run(lambda: run_train_ranker(settings, dataset, tcfg, cfg, retriever))
     console.print(f"rows: {history['rows']}\nloss: {history['initial_loss']} -> {history['loss']}\nranker: {path}")

@@ -61,9 +61,10 @@ class RerankTrainConfig:
     hard_negatives: int = 40  # retrieved non-purchases kept per user: more users for the same rows
     random_negatives: int = 5  # easy negatives per user so scores stay calibrated off the retriever's list
     epochs: int = 3
-    batch_size: int = 512
+    batch_size: int = 512  # rows per step (listwise: whole users adding up to about this many rows)
     lr: float = 2e-3
     seed: int = 0
+    loss: str = "pointwise"  # pointwise: log loss per row; listwise: softmax over each user's candidates
 
 
 # --------------------------------------------------------------------------- features
@@ -370,21 +371,53 @@ def training_rows(
 # --------------------------------------------------------------------------- training
 
 
+def _batches(rows: Rows, tcfg: RerankTrainConfig, gen: torch.Generator) -> list[torch.Tensor]:
+    """Row indices per step: shuffled rows (pointwise), or shuffled whole users (listwise)."""
+    if tcfg.loss == "pointwise":
+        order = torch.randperm(len(rows.y), generator=gen)
+        return list(order.split(tcfg.batch_size))
+    if tcfg.loss != "listwise":
+        raise ValueError(f"unknown ranker loss {tcfg.loss!r}; choose pointwise or listwise")
+    starts = np.flatnonzero(np.r_[True, rows.group[1:] != rows.group[:-1]]).tolist()  # a user's rows are contiguous
+    users = [torch.arange(a, b) for a, b in zip(starts, [*starts[1:], len(rows.y)], strict=True)]
+    per_step = max(1, tcfg.batch_size // max(1, len(rows.y) // len(users)))
+    shuffled: list[int] = torch.randperm(len(users), generator=gen).tolist()
+    return [torch.cat([users[u] for u in shuffled[i : i + per_step]]) for i in range(0, len(shuffled), per_step)]
+
+
+def listwise_loss(logits: torch.Tensor, y: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy over each user's candidates, the target spread evenly over what they bought
+    (ListNet with one-hot relevance); users without a positive carry no signal and are left out."""
+    _, local = torch.unique_consecutive(group, return_inverse=True)
+    n_users = int(local.max()) + 1
+    lse = torch.full((n_users,), float("-inf")).scatter_reduce(0, local, logits, "amax")  # stable logsumexp
+    lse = lse + torch.zeros(n_users).index_add(0, local, (logits - lse[local]).exp()).log()
+    pos = torch.zeros(n_users).index_add(0, local, y)
+    nll = torch.zeros(n_users).index_add(0, local, y * (lse[local] - logits)) / pos.clamp(min=1)
+    return nll[pos > 0].mean()
+
+
 def train_ranker(model: Any, rows: Rows, tcfg: RerankTrainConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Setup, loop, evaluate: Adam on pointwise log loss (+ DeepCTR's L2 terms); returns the history."""
+    """Setup, loop, evaluate: Adam on pointwise log loss or the listwise loss (+ DeepCTR's L2 terms)."""
     torch.manual_seed(tcfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
-    x, y = torch.from_numpy(rows.x), torch.from_numpy(rows.y)
+    x, y, group = torch.from_numpy(rows.x), torch.from_numpy(rows.y), torch.from_numpy(rows.group)
     gen = torch.Generator().manual_seed(tcfg.seed)
     history: dict[str, Any] = {"loss": [], "initial_loss": _log_loss(model, x, y)}
     for epoch in range(tcfg.epochs):
         model.train()
-        order = torch.randperm(len(y), generator=gen)
         total, seen = 0.0, 0
-        for start in range(0, len(y), tcfg.batch_size):
-            b = order[start : start + tcfg.batch_size]
-            p = model(x[b]).squeeze(-1)  # (batch,) probabilities: DeepFM ends in a sigmoid
-            loss = F.binary_cross_entropy(p, y[b])
+        for b in _batches(rows, tcfg, gen):
+            if tcfg.loss == "listwise":
+                # DeepCTR's output layer applies the sigmoid only for task "binary": switched off here to get
+                # the logits a softmax needs; scores stay sigmoid(logit), so the ranking is the same.
+                model.out.task = "regression"
+                try:
+                    loss = listwise_loss(model(x[b]).squeeze(-1), y[b], group[b])
+                finally:
+                    model.out.task = "binary"
+            else:
+                loss = F.binary_cross_entropy(model(x[b]).squeeze(-1), y[b])  # DeepFM ends in a sigmoid
             opt.zero_grad()
             (loss + model.get_regularization_loss()).backward()
             opt.step()
