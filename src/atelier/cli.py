@@ -316,7 +316,7 @@ def train_ranker_cmd(
     epochs: Annotated[int, typer.Option(help="Passes over the reranker's rows")] = 3,
     max_users: Annotated[int, typer.Option(help="Label-window users sampled for training rows")] = 20000,
     random_init: Annotated[bool, typer.Option(help="Ablation: random embeddings instead of the item tower's")] = False,
-    loss: Annotated[str, typer.Option(help="pointwise (log loss per row) or listwise (softmax per user)")] = "pointwise",
+    loss: Annotated[str, typer.Option(help="pointwise (per row) or listwise (softmax per user)")] = "pointwise",
     seed: int = 0,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
