@@ -279,7 +279,7 @@ def load_model(gguf_dir: Path, gguf_file: str, device: str, dtype_name: str) -> 
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=dtype)
     try:
         torch.save({"cls": type(model), "config": model.config, "state": model.state_dict()}, saved)
-    except Exception as exc:  # noqa: BLE001 - only a speed-up for the next call
+    except Exception as exc:
         print("could not save the converted model:", exc, flush=True)
     return model.to(device).eval(), time.perf_counter() - t0
 
@@ -296,7 +296,7 @@ class Decoder:
         V = int(model.config.vocab_size if hasattr(model.config, "vocab_size") else
                  model.config.get_text_config().vocab_size)
         n = len(spec["plain"])
-        assert V >= n, (V, n)
+        assert n <= V, (V, n)
         self.V = V
         n_live = meta["n_live"]
         self.n_live, self.in_base, self.maxlen, self.end_code = n_live, meta["in_base"], meta["maxlen"], meta["end_code"]
@@ -505,12 +505,13 @@ def collect(raws: list[Path], articles: Path, out: Path, report_paths: list[Path
     import hashlib
     from datetime import UTC, datetime
 
+    from pydantic import ValidationError
+
     from atelier.config import Settings
     from atelier.enrich.batch import load_products
     from atelier.enrich.core import AnswerError, EnrichOptions, _item, parse_answer, prepare
     from atelier.enrich.prompt import PROMPT_VERSION
     from atelier.schema import load_schema
-    from pydantic import ValidationError
 
     schema = load_schema()
     arts = json.loads(articles.read_text())
