@@ -63,6 +63,11 @@ STORE_RETRY_S = 5.0  # after a failure, serve degraded this long before trying t
 STORE_WAIT_S = 5.0  # a request waits at most this long for a pooled connection (a dead server: once)
 POPULAR_CACHE = 500  # popular items kept in memory (with their item JSON) for degraded answers
 SEGMENT_CACHE = 300  # per occasion / body segment
+# torch threads per worker process (unless OMP_NUM_THREADS says otherwise): requests already run side by
+# side in uvicorn's thread pool, and intra-op threads on top of them spin against each other and against
+# other processes. Measured on 2 shared cores (benchmarks/results/perf-threads-2026-11-27.json): a request
+# took 2.35x longer at p50 with 2 threads than with 1 (interleaved, same requests).
+SERVE_TORCH_THREADS = 1
 
 
 class ServiceError(Exception):
@@ -173,7 +178,13 @@ class RecommendService:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RecommendService:
-        """The service for ``atelier serve``: embedded store, the settings' dataset and enricher."""
+        """The service for ``atelier serve``: embedded store, the settings' dataset and enricher, torch on
+        ``SERVE_TORCH_THREADS`` threads (or ``OMP_NUM_THREADS``) in this worker process."""
+        import os
+
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or SERVE_TORCH_THREADS))
         return cls(settings)
 
     # -- start-up ------------------------------------------------------------------------------
