@@ -122,14 +122,15 @@ def run_load(base: str, mix: list[tuple[str, dict[str, Any]]], clients: int) -> 
             "stages": stages, "requests_per_s": round(len(results) / wall, 1), "wall_s": round(wall, 2)}
 
 
-def ingest_to_live(base: str, key: str, run_dir: Path, n: int, seed: int, k: int = 12) -> list[dict[str, Any]]:
+def ingest_to_live(base: str, key: str, run_dir: Path, n: int, seed: int, k: int = 12,
+                   timeout_s: float = 60) -> list[dict[str, Any]]:
     """Seconds from POST /items to the product's first appearance in the top ``k`` of /recommend for a
     matching cart."""
     items = pd.read_parquet(run_dir / "data" / "hm" / "items.parquet")
     rng = random.Random(seed)
     rows = items.iloc[rng.sample(range(len(items)), n)]
     out = []
-    with httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": key}) as client:
+    with httpx.Client(base_url=base, timeout=timeout_s, headers={"X-API-Key": key}) as client:
         for row in rows.itertuples(index=False):
             new_id = f"bench-live-{row.item_id}"
             # A new-season reissue: same kind, colour and pattern, a new title and id (the shopper

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.perf [all|enrich|item-tower|store|recommend|live|profile|report] [options]``."""
+"""``python -m benchmarks.perf [all|enrich|item-tower|store|recommend|live|profile|ab|threads|report] [options]``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import sys
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.perf", description=__doc__)
     p.add_argument("part", nargs="?", default="all",
-                   choices=["all", "enrich", "item-tower", "store", "recommend", "live", "profile", "ab", "report"])
+                   choices=["all", "enrich", "item-tower", "store", "recommend", "live", "profile", "ab", "threads",
+                            "report"])
+    p.add_argument("--tag", help="write perf-<part>-<date>-<tag>.json (a variant; report reads untagged files)")
     g = p.add_argument_group("enrich")
     g.add_argument("--enrich-items", type=int, default=4, help="products per backend")
     g.add_argument("--enrich-offset", type=int, default=5000, help="where in the catalogue the slice starts")
@@ -33,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-level", type=int, default=7, help="levels of 1,2,4,...,64 users")
     g.add_argument("--workers", type=int, nargs="+", default=[1],
                    help="uvicorn workers of the full chain (one ladder each)")
-    g.add_argument("--omp-one", action="store_true", help="also load the full chain with OMP_NUM_THREADS=1")
+    g.add_argument("--omp", type=int, help="also load the full chain with OMP_NUM_THREADS=N (torch threads)")
     g.add_argument("--only", nargs="+", help="load-test only these configurations (labels)")
     g.add_argument("--products", type=int, default=5, help="ingest-to-live products (fast enrichers)")
     g.add_argument("--llm-products", type=int, default=2, help="ingest-to-live products with the embedded LLM")
@@ -49,10 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from benchmarks.perf import ab, enrich, item_tower, live, profile, recommend, report, store
+    from benchmarks.perf import ab, common, enrich, item_tower, live, profile, recommend, report, store
+
+    if args.tag:
+        common.TAG.append(args.tag)
 
     parts = {"enrich": enrich.run, "item-tower": item_tower.run, "store": store.run, "recommend": recommend.run,
-             "live": live.run, "profile": profile.run, "ab": ab.run}
+             "live": live.run, "profile": profile.run, "ab": ab.run,
+             "threads": ab.run_threads}
     chosen = list(parts) if args.part == "all" else [] if args.part == "report" else [args.part]
     for name in chosen:
         parts[name](args)

@@ -130,3 +130,39 @@ def run(args: Any) -> Path:
     res["before_commit"] = args.before
     res["stages"] = [s.name for s in after.stages]
     return res.write()
+
+
+def run_threads(args: Any) -> Path:
+    """torch on 1 vs 2 threads for ``RecommendService.recommend``, interleaved request by request."""
+    import torch
+
+    from atelier.config import Settings
+    from atelier.serve.schemas import RecommendRequest
+    from atelier.serve.service import RecommendService
+    from benchmarks.perf.recommend import request_bodies
+
+    res = Result("threads")
+    run_dir = bench_run_dir("hm")
+    svc = RecommendService(Settings.model_validate({"run_dir": run_dir, "DATABASE_URL": ""}))
+    rng = np.random.default_rng(args.seed)
+    mix = request_bodies(run_dir, args.requests, 21)
+    for _, body in mix[:10]:
+        svc.recommend(RecommendRequest.model_validate(body))
+    before = torch.get_num_threads()
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _, body in mix:
+        for n in rng.permutation([1, 2]):
+            torch.set_num_threads(int(n))
+            t0 = time.perf_counter()
+            svc.recommend(RecommendRequest.model_validate(body))
+            times[int(n)].append(time.perf_counter() - t0)
+    torch.set_num_threads(before)
+    svc.close()
+    res["requests"] = len(mix)
+    res["stages"] = [s.name for s in svc.stages]
+    res["one_thread"], res["two_threads"] = pct(times[1]), pct(times[2])
+    res["p50_two_over_one"] = round(res["two_threads"]["p50_ms"] / res["one_thread"]["p50_ms"], 2)
+    res["mean_two_over_one"] = round(float(np.mean(times[2]) / np.mean(times[1])), 2)
+    print(f"[threads] p50 1 thread {res['one_thread']['p50_ms']} ms, 2 threads {res['two_threads']['p50_ms']} ms "
+          f"({res['p50_two_over_one']}x)", flush=True)
+    return res.write()

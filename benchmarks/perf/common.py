@@ -27,6 +27,7 @@ BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
 MAIN_RUNS = ROOT / "runs"
 BENCH_RUN_DIR = Path(os.environ.get("ATELIER_PERF_RUN_DIR", "/tmp/atelier-perf-run"))
+TAG: list[str] = []  # set by --tag: results go to perf-<part>-<date>-<tag>.json (a variant beside the main run)
 
 if str(BENCH) not in sys.path:  # the older scripts are siblings, not a package
     sys.path.insert(0, str(BENCH))
@@ -76,7 +77,7 @@ class Result:
     def write(self, out: Path | None = None) -> Path:
         self.data["machine"]["loadavg_at_end"] = list(os.getloadavg())
         self.data["wall_s"] = round(time.perf_counter() - self.t0, 1)
-        path = out or RESULTS / f"perf-{self.part}-{today()}.json"
+        path = out or RESULTS / f"perf-{self.part}-{today()}{''.join('-' + t for t in TAG)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.data, indent=2, default=_jsonable) + "\n")
         print(f"[{self.part}] wrote {path.relative_to(ROOT)} ({self.data['wall_s']} s)", flush=True)

@@ -35,7 +35,8 @@ def one_config(run_dir: Path, env: dict[str, str], products: int, seed: int) -> 
     from bench_serve import ingest_to_live
 
     with service(run_dir, env=env) as svc:
-        rows = ingest_to_live(svc["base"], svc["key"], run_dir, products, seed, k=LIVE_K)
+        # an embedded-LLM POST takes tens of seconds on a busy box: a long client timeout
+        rows = ingest_to_live(svc["base"], svc["key"], run_dir, products, seed, k=LIVE_K, timeout_s=300)
         startup = svc["startup_s"]
     live = [r["live_s"] for r in rows if r["live_s"] is not None]
     post = [r["post_s"] for r in rows]
@@ -60,7 +61,13 @@ def run(args: Any) -> Path:
     out = {}
     for name, (env, n) in configs.items():
         print(f"[live] {name}: {n} products ...", flush=True)
-        out[name] = one_config(run_dir, env, n, args.seed)
+        try:
+            out[name] = one_config(run_dir, env, n, args.seed)
+        except Exception as exc:  # one configuration failing must not lose the others
+            out[name] = {"env": env, "error": f"{type(exc).__name__}: {exc}", "median_live_s": None,
+                         "max_live_s": None, "products": []}
+            print(f"  failed: {out[name]['error']}", flush=True)
+            continue
         print(f"  median {out[name]['median_live_s']} s, max {out[name]['max_live_s']} s, "
               f"ranks {[p['rank'] for p in out[name]['products']]}", flush=True)
     res["configs"] = out

@@ -160,8 +160,8 @@ def run(args: Any) -> Path:
         for name, stages in configs.items():  # extra worker counts for the full chain only
             for workers in args.workers if name == "full chain" else [1]:
                 runs.append((name if workers == 1 else f"{name}, {workers} workers", stages, workers, None))
-        if args.omp_one:  # the same full chain with torch/OpenMP on one thread per process
-            runs.insert(1, ("full chain, OMP_NUM_THREADS=1", None, 1, {"OMP_NUM_THREADS": "1"}))
+        if args.omp:  # the same full chain with torch/OpenMP on N threads per process
+            runs.insert(1, (f"full chain, OMP_NUM_THREADS={args.omp}", None, 1, {"OMP_NUM_THREADS": str(args.omp)}))
         load = {}
         for label, stages, workers, env in runs:
             if args.only and label not in args.only:

@@ -29,7 +29,7 @@ def _before(part: str) -> dict[str, Any] | None:
 
 
 def _latest(part: str) -> dict[str, Any] | None:
-    files = sorted(p for p in RESULTS.glob(f"perf-{part}-*.json") if not p.name.endswith("-before.json"))
+    files = sorted(p for p in RESULTS.glob(f"perf-{part}-????-??-??.json"))  # untagged runs only
     return json.loads(files[-1].read_text()) if files else None
 
 
