@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from atelier.atomic import atomic_write, write_json
 from atelier.enrich.base import Extractor
 from atelier.enrich.cache import EnrichCache
-from atelier.enrich.core import EnrichmentResult, EnrichOptions, cache_key, prepare, run_prepared
+from atelier.enrich.core import EnrichmentResult, EnrichOptions, cache_key, for_product, prepare, run_prepared
 from atelier.enrich.prompt import PROMPT_VERSION, RawProduct
 from atelier.schema import Schema, load_schema
 
@@ -111,7 +111,7 @@ def enrich_products(products: Iterable[RawProduct | dict[str, Any]], extractor: 
     for i, prep in enumerate(prepared):
         hit = cache.get(cache_key(prep.input_hash, PROMPT_VERSION, extractor.model_id)) if cache else None
         if hit is not None:
-            results[i] = hit
+            hit = results[i] = for_product(hit, prep, schema)
             if on_result:
                 on_result(hit)
         else:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
@@ -245,11 +245,21 @@ def enrich_product(raw: RawProduct | dict[str, Any], extractor: Extractor, *, sc
     if cache is not None:
         hit = cache.get(cache_key(prep.input_hash, PROMPT_VERSION, extractor.model_id))
         if hit is not None:
-            return hit
+            return for_product(hit, prep, schema)
     result = run_prepared(prep, extractor, schema, options)
     if cache is not None:
         cache.put(result)
     return result
+
+
+def for_product(hit: EnrichmentResult, prep: Prepared, schema: Schema) -> EnrichmentResult:
+    """A cached result applied to ``prep``'s product. The cache key covers what the model saw, not the
+    product's id or shop fields, so catalogue rows with identical text share one answer; each must
+    still come back under its own id, with its own price and stock (not the first row's)."""
+    if hit.item is None:
+        return replace(hit, item_id=prep.product.item_id)
+    item, _ = _item(prep.product, hit.extracted.get("clothes", {}), hit.extracted.get("re", {}), schema)
+    return replace(hit, item_id=prep.product.item_id, item=item)
 
 
 def run_prepared(prep: Prepared, extractor: Extractor, schema: Schema, options: EnrichOptions) -> EnrichmentResult:
