@@ -434,6 +434,16 @@ def gold_dataset(settings: Settings, dataset: str, path: Path, args: argparse.Na
                                         [texts[i] for i in llm_idx], schema)
         re_out["embedded"]["outputs"] = [{"item_id": test[i]["item_id"], "re": gen["re"][j]}
                                          for j, i in enumerate(llm_idx)]
+    from atelier.enrich.shipped import load_re
+
+    shipped = load_re(dataset) if (ROOT / "data" / "enriched" / f"{dataset}-re.jsonl.gz").exists() else {}
+    if shipped:  # the committed full-catalogue GPU run: every test product, same prompt, no CPU cost
+        have = [i for i, r in enumerate(test) if r["item_id"] in shipped]
+        re_out["shipped"] = re_quality([shipped[test[i]["item_id"]] for i in have], [test[i]["re"] for i in have],
+                                       [texts[i] for i in have], schema)
+        re_out["shipped"]["subset_of_embedded"] = re_quality(
+            [shipped.get(test[i]["item_id"], {}) for i in llm_idx], [test[i]["re"] for i in llm_idx],
+            [texts[i] for i in llm_idx], schema)["pooled"]
     if args.llm_n and not args.no_loglik:
         ll, runs["loglik"] = run_loglik(llm_products, GOLD_LL_FIELDS, settings, dataset)
         for k, per_field in ll.items():
