@@ -388,7 +388,6 @@ def test_reads_expose_no_internal_fields(client: TestClient, rel_service: Recomm
 
 def test_database_killed_during_recommend_and_upsert(client: TestClient, rel_service: RecommendService,
                                                       catalogue: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("atelier.serve.service.STORE_RETRY_S", 1.0)  # the breaker's 5 s, shortened for the test
     store = rel_service.store()
     assert store is not None
     expected = live_ids(store)
@@ -445,10 +444,8 @@ def test_database_killed_during_recommend_and_upsert(client: TestClient, rel_ser
 
 
 def test_database_killed_during_an_index_load(rel_settings: Settings, rel_service: RecommendService,
-                                              client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+                                              client: TestClient) -> None:
     from atelier.content import current_model_id, index_stage
-
-    monkeypatch.setattr("atelier.serve.service.STORE_RETRY_S", 1.0)
 
     # a product added through the API since `atelier encode` must keep its vector through a re-index
     assert client.post("/items", json=product("live-before-reindex"), headers=AUTH).status_code == 201

@@ -270,7 +270,10 @@ class RecommendService:
         except StoreError as exc:
             return f"{why}; restarting the embedded server failed: {exc}"
         log.warning("the embedded PostgreSQL had stopped (%s): started it again", why)
-        return self._probe(self._store.conninfo)
+        deadline = time.monotonic() + 10  # crash recovery: "the database system is starting up"
+        while (why := self._probe(self._store.conninfo)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return why
 
     def mark_store_down(self, why: str) -> None:
         """Serve degraded for STORE_RETRY_S seconds after a store error."""
