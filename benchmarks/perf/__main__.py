@@ -11,7 +11,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.perf", description=__doc__)
     p.add_argument("part", nargs="?", default="all",
                    choices=["all", "enrich", "item-tower", "store", "recommend", "live", "profile", "ab", "threads",
-                            "report"])
+                            "threads-load", "report"])
     p.add_argument("--tag", help="write perf-<part>-<date>-<tag>.json (a variant; report reads untagged files)")
     g = p.add_argument_group("enrich")
     g.add_argument("--enrich-items", type=int, default=4, help="products per backend")
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parts = {"enrich": enrich.run, "item-tower": item_tower.run, "store": store.run, "recommend": recommend.run,
              "live": live.run, "profile": profile.run, "ab": ab.run,
-             "threads": ab.run_threads}
+             "threads": ab.run_threads, "threads-load": recommend.run_pair}
     chosen = list(parts) if args.part == "all" else [] if args.part == "report" else [args.part]
     for name in chosen:
         parts[name](args)

@@ -174,3 +174,43 @@ def run(args: Any) -> Path:
                      "client": "locust FastHttpUser, headless, closed loop (wait 0), same 2 cores as the server",
                      "mix": "bench_serve.request_mix: 1/4 known users, 1/4 carts, 1/4 context texts, 1/4 empty; k=12"}
     return res.write()
+
+
+def ladder_pair(run_dir: Path, mix_file: Path, configs: dict[str, dict[str, str]], seconds: float,
+                levels: list[int]) -> dict[str, Any]:
+    """Two (or more) services up at once, their ladders interleaved level by level (A@1, B@1, A@2, ...),
+    so a change in the other jobs' load hits every configuration alike."""
+    from contextlib import ExitStack
+
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    with ExitStack() as stack:
+        services = {name: stack.enter_context(service(run_dir, env=env)) for name, env in configs.items()}
+        for svc in services.values():
+            locust_level(svc["base"], mix_file, 2, 3)  # warm-up
+        for i, users in enumerate(levels):
+            names = list(services) if i % 2 == 0 else list(reversed(services))
+            for name in names:
+                done = rows[name] and len(rows[name]) >= MIN_LEVELS and (
+                    rows[name][-1]["failures"] or (rows[name][-1]["p99_ms"] or 0) > P99_LIMIT_MS)
+                if done:
+                    continue
+                row = locust_level(services[name]["base"], mix_file, users, seconds)
+                print(f"  {name:<34} users {users:>3}: {row['requests_per_s']:>6} req/s  p50 {row['p50_ms']} "
+                      f"p95 {row['p95_ms']} p99 {row['p99_ms']} ms", flush=True)
+                rows[name].append(row)
+    return {name: {"env": configs[name], "levels": r} for name, r in rows.items()}
+
+
+def run_pair(args: Any) -> Path:
+    """Full chain with torch on 1 thread (the service's default) vs OMP_NUM_THREADS=2, interleaved."""
+    res = Result("threads-load")
+    run_dir = bench_run_dir("hm")
+    levels = [1, 2, 4, 8, 16, 32, 64][: args.max_level]
+    with tempfile.TemporaryDirectory(prefix="perf-mix-") as tmp:
+        mix_file = Path(tmp) / "mix.json"
+        mix_file.write_text(json.dumps([b for _, b in request_bodies(run_dir, 1000, 3)]))
+        res["ladders"] = ladder_pair(run_dir, mix_file, {"torch 1 thread (default)": {},
+                                                         "OMP_NUM_THREADS=2": {"OMP_NUM_THREADS": "2"}},
+                                     args.seconds, levels)
+    res["config"] = {"level_seconds": args.seconds, "levels": levels, "interleaved": True}
+    return res.write()

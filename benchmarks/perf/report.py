@@ -1,8 +1,8 @@
 """Plots and the headline table from the newest ``perf-*.json`` results (measures nothing).
 
 Writes ``benchmarks/results/perf-<part>-<date>.png`` per part and ``perf-summary-<date>.md``: each
-figure beside its peer from the same run, as a ratio. A ``perf-<part>-<date>-before.json`` (the
-same part measured before an optimisation) adds before/after rows.
+figure beside its peer from the same run, as a ratio; before/after rows come from the interleaved
+parts (``ab``, ``threads``, ``threads-load``).
 """
 
 from __future__ import annotations
@@ -21,11 +21,6 @@ def _plt() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _before(part: str) -> dict[str, Any] | None:
-    files = sorted(RESULTS.glob(f"perf-{part}-*-before.json"))
-    return json.loads(files[-1].read_text()) if files else None
 
 
 def _latest(part: str) -> dict[str, Any] | None:
@@ -173,14 +168,25 @@ def summary(parts: dict[str, dict[str, Any] | None], before: dict[str, dict[str,
             row("recommend", f"{name}: 1 user p50/p95/p99 ms", f"{one['p50_ms']}/{one['p95_ms']}/{one['p99_ms']}",
                 "", "", "")
             row("recommend", f"{name}: max req/s with p99 <= 100 ms", cfg["max_req_s_p99_le_100ms"], "", "", "")
-        brec = before.get("recommend")
-        if brec:
-            for name in rec["load"]:
-                if name in brec["load"]:
-                    a, b0 = rec["load"][name], brec["load"][name]
-                    ra, rb = a["max_req_s_p99_le_100ms"], b0["max_req_s_p99_le_100ms"]
-                    row("recommend", f"{name}: max req/s (p99 <= 100 ms), after", ra, "before", rb,
-                        f"{ra / rb:.2f}x" if ra and rb else "")
+    ab = parts.get("ab")
+    if ab:
+        r = ab["recommend"]
+        row("optimised", f"store code {ab['before_commit']} -> now: /recommend p50 ms (interleaved)",
+            r["after"]["p50_ms"], "before", r["before"]["p50_ms"], f"{r['p50_before_over_after']}x faster")
+        for name, c in ab["search"].items():
+            row("optimised", f"store search, {name}: p50 ms", c["after"]["p50_ms"], "before", c["before"]["p50_ms"],
+                f"{c['p50_before_over_after']}x faster")
+    th = parts.get("threads")
+    if th:
+        row("optimised", "/recommend p50 ms, torch 1 thread (interleaved)", th["one_thread"]["p50_ms"], "2 threads",
+            th["two_threads"]["p50_ms"], f"{th['p50_two_over_one']}x faster")
+    tl = parts.get("threads-load")
+    if tl:
+        for name, lad in tl["ladders"].items():
+            one = lad["levels"][0] if lad["levels"] else {}
+            row("optimised", f"{name}: 1 user p50/p99 ms, req/s per level (interleaved ladders)",
+                f"{one.get('p50_ms')}/{one.get('p99_ms')}",
+                "levels", ", ".join(f"{r['users']}u {r['requests_per_s']}" for r in lad["levels"]), "")
     lv = parts.get("live")
     if lv:
         cfgs = lv["configs"]
@@ -192,8 +198,11 @@ def summary(parts: dict[str, dict[str, Any] | None], before: dict[str, dict[str,
 
 
 def run(args: Any = None) -> Path | None:
-    parts = {p: _latest(p) for p in ("enrich", "item_tower", "store", "recommend", "live")}
-    before = {p: _before(p) for p in ("recommend", "store")}
+    parts = {p: _latest(p) for p in ("enrich", "item_tower", "store", "recommend", "live", "ab", "threads",
+                                     "threads-load")}
+    # Ladders of separate runs are not comparable on a shared machine (the HTTP floor itself moved 2.5x
+    # between two runs): before/after comes from the interleaved parts (ab, threads, threads-load).
+    before: dict[str, dict[str, Any] | None] = {"recommend": None, "store": None}
     made = []
     if parts["recommend"]:
         made += [plot_recommend(parts["recommend"], before["recommend"]),
