@@ -358,6 +358,11 @@ def main() -> int:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        # a terminated server process never runs the embedded PostgreSQL's exit hook: stop it here
+        from atelier.store import start_embedded
+
+        if not settings.database_url:
+            start_embedded(settings.run_dir / "pgdata").stop()
     if not result:
         return 1
     day = result["date"][:10]
