@@ -121,13 +121,13 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _link_tree(src: Path, dst: Path) -> None:
+def link_tree(src: Path, dst: Path) -> None:
     """Mirror ``src`` as real folders holding symlinks to its files: reads go to runs/, writes stay here."""
     dst.mkdir(parents=True, exist_ok=True)
     for entry in src.iterdir():
         target = dst / entry.name
         if entry.is_dir():
-            _link_tree(entry, target)
+            link_tree(entry, target)
         elif not target.exists():
             target.symlink_to(entry)
 
@@ -141,7 +141,7 @@ def bench_run_dir(dataset: str = "hm", two_tower: bool = True) -> Path:
     run_dir = BENCH_RUN_DIR
     for name in ("data", "models", "vectors", "vocab", "features", "items"):
         if (MAIN_RUNS / name).is_dir():
-            _link_tree(MAIN_RUNS / name, run_dir / name)
+            link_tree(MAIN_RUNS / name, run_dir / name)
     settings = Settings.model_validate({"run_dir": run_dir, "DATABASE_URL": ""})
     wanted = current_model_id(main, dataset)
     try:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.perf.common import MAIN_RUNS, RESULTS, Result
+from benchmarks.perf.common import BENCH_RUN_DIR, MAIN_RUNS, RESULTS, Result, link_tree
 
 GPU_FILES = ["item_tower-h100-1gpu-2026-11-27.json", "item_tower-h200x2-ddp2-2026-11-27.json"]
 
@@ -39,8 +39,11 @@ def real_inputs() -> tuple[Any, Any, Any]:
     settings = Settings.model_validate({"run_dir": MAIN_RUNS})
     vocab = Vocab.load(vocab_path(settings))
     items = load_tables(settings.dataset_dir("hm"))[0]
-    # cache_dir is read only here: the vectors of this exact text list were cached by `atelier run`
-    inputs = catalogue_inputs(items, "hm", vocab, settings.run_dir / "features")
+    # the text vectors cached by `atelier run`, read through symlinks: a cache miss writes under
+    # the benchmark folder, never into runs/features
+    features = BENCH_RUN_DIR / "features"
+    link_tree(MAIN_RUNS / "features", features)
+    inputs = catalogue_inputs(items, "hm", vocab, features)
     texts = item_texts(items["title"].fillna("").astype(str).tolist(),
                        items["description"].fillna("").astype(str).tolist())
     return inputs, tower_config(vocab), texts
