@@ -15,7 +15,6 @@ Exit codes: 0 success, 1 a stage failed (the message says why), 2 bad usage.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from atelier.atomic import write_json
 from atelier.config import Settings, SettingsError, get_settings
 from atelier.ingest import DATASETS, IngestError, IngestResult, ingest
 from atelier.recommender import Query
@@ -176,8 +176,7 @@ def run_vocab(settings: Settings, datasets: list[str]) -> tuple[Path, list[dict[
         path = settings.run_dir / "vocab" / "vocab.json"
         vocab.save(path)
         report_path = settings.run_dir / "reports" / "coverage.json"
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(reports, indent=2))
+        write_json(report_path, reports, indent=2)
         progress.update(task, description=f"done: {vocab.std_size} STD ids, version {vocab.version}")
     return path, reports
 

@@ -452,9 +452,13 @@ def _two_tower(ctx: StageContext) -> Stage | None:
         return None
     try:
         model_id = two_tower_model_id(settings, ctx.dataset)
+        retriever = serving_retriever(settings, ctx.dataset)
     except FileNotFoundError:
         return None
-    return TwoTowerStage(ctx.store, model_id, serving_retriever(settings, ctx.dataset))
+    except ValueError as exc:  # CheckpointError: a corrupt user tower leaves the stage out, not the service
+        log.warning("two-tower stage not loaded: %s", exc)
+        return None
+    return TwoTowerStage(ctx.store, model_id, retriever)
 
 
 def _content(ctx: StageContext) -> Stage:
