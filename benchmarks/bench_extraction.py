@@ -191,15 +191,22 @@ def run_backend(products: list[RawProduct], fields: list[str], backend: str, set
     return preds, stats
 
 
-def run_loglik(products: list[RawProduct], fields: list[str],
-               settings: Settings, dataset: str) -> tuple[dict[str, dict[str, list[str | None]]], dict[str, Any]]:
+def run_loglik(products: list[RawProduct], fields: list[str], settings: Settings, dataset: str,
+               lora: bool = False) -> tuple[dict[str, dict[str, list[str | None]]], dict[str, Any]]:
     """Log-likelihood scores of every allowed value, once per product; four read-outs of the same pass.
 
     ``loglik`` = mean log-probability per token (the ``embedded-ll`` backend), ``loglik_cal`` = the
     same minus the content-free score (``embedded-ll-cal``), ``loglik_sum`` / ``loglik_sum_cal`` =
-    unnormalised sums (reported, not offered as backends).
+    unnormalised sums (reported, not offered as backends). With ``lora``, the same pass with the
+    committed LoRA adapter (``embedded-ll-lora``); only its mean read-out is kept, as ``loglik_lora``.
     """
-    ex = LogLikExtractor.from_settings(settings)
+    if lora:
+        from atelier.enrich.lora import LoRALogLikExtractor
+
+        ex: LogLikExtractor = LoRALogLikExtractor.from_settings(settings)
+        ex.load()
+    else:
+        ex = LogLikExtractor.from_settings(settings)
     prior = ex.score("Product: N/A", fields)
     counts = {f: ex.token_counts(f) for f in fields}
     values = {f: ex.values(f) for f in fields}
@@ -216,8 +223,11 @@ def run_loglik(products: list[RawProduct], fields: list[str],
             for k, s in variants.items():
                 out[k][f].append(values[f][int(np.argmax(s))])
         if i % 10 == 0 or i == len(products):
-            print(f"  {dataset} loglik: {i}/{len(products)} ({sum(seconds):.0f} s)", file=sys.stderr)
+            print(f"  {dataset} loglik{'_lora' if lora else ''}: {i}/{len(products)} ({sum(seconds):.0f} s)",
+                  file=sys.stderr)
     ex.close()
+    if lora:
+        out = {"loglik_lora": out["loglik"]}
     stats = {"backend": ex.model_id, "threads": ex.n_threads, "model_seconds": round(sum(seconds), 2),
              "items_per_s": round(len(seconds) / sum(seconds), 3),
              "seconds_per_item_median": round(sorted(seconds)[len(seconds) // 2], 3),
@@ -226,7 +236,7 @@ def run_loglik(products: list[RawProduct], fields: list[str],
 
 
 def run_dataset(settings: Settings, dataset: str, n: int, seed: int, split_seed: int, backends: list[str],
-                loglik: bool, cache_file: Path) -> dict[str, Any]:
+                loglik: bool, cache_file: Path, lora: bool = False) -> dict[str, Any]:
     """Extract, score and compare with the baselines on one catalogue."""
     schema = load_schema()
     products, gold, majority = sample(settings, dataset, n, seed)
@@ -239,6 +249,9 @@ def run_dataset(settings: Settings, dataset: str, n: int, seed: int, split_seed:
     if loglik:
         ll_preds, runs["loglik"] = run_loglik(products, fields, settings, dataset)
         preds.update(ll_preds)
+    if lora:
+        lora_preds, runs["loglik_lora"] = run_loglik(products, fields, settings, dataset, lora=True)
+        preds.update(lora_preds)
     start = time.perf_counter()
     near = NearestLabelExtractor(schema).pick_many([product_text(p.title, p.description) for p in products], fields)
     runs["minilm"] = {"items_per_s": round(len(products) / (time.perf_counter() - start), 1),
@@ -454,6 +467,13 @@ def gold_dataset(settings: Settings, dataset: str, path: Path, args: argparse.Na
                 for j, i in enumerate(llm_idx):
                     full[f][i] = per_field[f][j]
             preds[k] = full
+    if args.llm_n and args.lora:
+        lora_ll, runs["loglik_lora"] = run_loglik(llm_products, GOLD_LL_FIELDS, settings, dataset, lora=True)
+        full = {f: [None] * len(test) for f in GOLD_FIELDS}
+        for f in GOLD_LL_FIELDS:
+            for j, i in enumerate(llm_idx):
+                full[f][i] = lora_ll["loglik_lora"][f][j]
+        preds["loglik_lora"] = full
     preds["hybrid"] = {f: hybrid_preds(preds, f, len(test)) for f in GOLD_FIELDS}
     llm_set = set(llm_idx)
     table: dict[str, Any] = {}
@@ -477,13 +497,14 @@ def gold_dataset(settings: Settings, dataset: str, path: Path, args: argparse.Na
 
 
 GOLD_BASELINES = ["majority", "keyword", "keyword_or_majority", "minilm", "keyword_or_minilm"]
-GOLD_LLM = ["embedded", "loglik", "loglik_cal"]
+GOLD_LLM = ["embedded", "loglik", "loglik_cal", "loglik_lora"]
 
 
 def gold_markdown(report: dict[str, Any]) -> str:
     """Two tables: baselines on the whole gold test split; LLM variants vs baselines on the LLM subset."""
     names = {**METHOD_NAMES, "hybrid": "`hybrid` now"}
-    asked = {"embedded": GOLD_GEN_FIELDS, "loglik": GOLD_LL_FIELDS, "loglik_cal": GOLD_LL_FIELDS}
+    asked = {"embedded": GOLD_GEN_FIELDS, "loglik": GOLD_LL_FIELDS, "loglik_cal": GOLD_LL_FIELDS,
+             "loglik_lora": GOLD_LL_FIELDS}
     out = []
     for title, methods, part in (("Gold test split, all products", [*GOLD_BASELINES, "hybrid"], "test"),
                                  ("LLM subset of the test split", [*GOLD_LLM, *GOLD_BASELINES, "hybrid"],
@@ -505,7 +526,7 @@ def gold_markdown(report: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
-LLM_COLUMNS = ("embedded", "loglik", "loglik_cal")
+LLM_COLUMNS = ("embedded", "loglik", "loglik_cal", "loglik_lora")
 
 
 def gold_winners(report: dict[str, Any]) -> dict[str, Any]:
@@ -535,7 +556,8 @@ def gold_winners(report: dict[str, Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {"best_baseline": best, "best_baseline_acc": round(acc[best], 3),
                                  "field_sources": sources.source(f).method,
                                  "field_sources_acc": round(tot["hybrid"][0] / tot["hybrid"][1], 3)}
-        llm_fields = {"embedded": GOLD_GEN_FIELDS, "loglik": GOLD_LL_FIELDS, "loglik_cal": GOLD_LL_FIELDS}
+        llm_fields = {"embedded": GOLD_GEN_FIELDS, "loglik": GOLD_LL_FIELDS, "loglik_cal": GOLD_LL_FIELDS,
+                      "loglik_lora": GOLD_LL_FIELDS}
         llm = {m: sub[m][0] / sub[m][1] for m in LLM_COLUMNS if m in sub and sub[m][1] and f in llm_fields[m]}
         if llm:
             top = max(llm, key=lambda m: llm[m])
@@ -554,6 +576,7 @@ def gold_main(argv: list[str]) -> None:
                     "(the first N by item id; 0 = none)")
     ap.add_argument("--backends", nargs="*", default=["embedded"], help="generating backends (RE phrases too)")
     ap.add_argument("--no-loglik", action="store_true", help="skip the log-likelihood scorer")
+    ap.add_argument("--lora", action="store_true", help="also score with the LoRA adapter (embedded-ll-lora)")
     ap.add_argument("--tag", default="", help="suffix for the result file name")
     ap.add_argument("--table", type=Path, help="only print the tables of a saved gold report")
     args = ap.parse_args(argv)
@@ -601,6 +624,7 @@ def gold_main(argv: list[str]) -> None:
 
 METHOD_NAMES = {
     "embedded": "generation (grammar)", "loglik": "log-likelihood", "loglik_cal": "log-likelihood, calibrated",
+    "loglik_lora": "log-likelihood + LoRA",
     "minilm": "MiniLM nearest label", "keyword": "keyword rules", "keyword_or_majority": "keyword → majority",
     "keyword_or_minilm": "keyword → MiniLM",
     "majority": "majority class",
@@ -653,6 +677,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backends", nargs="*", default=["embedded"],
                     help="generating backends run through the enrichment path (cached)")
     ap.add_argument("--no-loglik", action="store_true", help="skip the log-likelihood scorer")
+    ap.add_argument("--lora", action="store_true", help="also score with the LoRA adapter (embedded-ll-lora)")
     ap.add_argument("--datasets", nargs="+", default=["hm", "myntra"], choices=sorted(FIELDS))
     ap.add_argument("--write-sources", action="store_true",
                     help=f"write the per-field choice (tuning half) to {SOURCES_FILE.name}")
@@ -662,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
     commit = git_commit()  # at the start: the code that ran, not what was committed meanwhile
     cache_file = settings.run_dir / "enrich" / "bench-cache.jsonl"
     datasets = [run_dataset(settings, ds, args.n, args.seed, args.split_seed, args.backends, not args.no_loglik,
-                            cache_file) for ds in args.datasets]
+                            cache_file, args.lora) for ds in args.datasets]
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name, *argv]),
         "git_commit": commit, "machine": machine(), "load_average": os.getloadavg(),

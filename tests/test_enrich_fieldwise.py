@@ -116,7 +116,7 @@ def test_sources_toml_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "sources.toml"
     path.write_text(sources_toml(chosen, "test"))
     src = load_sources(path)
-    assert src.fields["color"] == FieldSource("loglik", "embedded-ll", None)
+    assert src.fields["color"] == FieldSource("loglik", "embedded-ll", None, "keyword")
     assert src.fields["season"] == FieldSource("majority", None, "summer")
     assert src.source("fit") == FieldSource("default", "keyword") and src.re == "embedded"
     path.write_text('[fields.color]\nmethod = "oracle"\n')

@@ -3,7 +3,7 @@
 Public API (what the CLI and the web service call):
 
 - ``get_extractor(name, settings)``: a backend by name (``embedded``, ``embedded-ll``,
-  ``embedded-ll-cal``, ``minilm``, ``keyword``, ``hybrid``, ``openai``, ``shipped``, ``fake``);
+  ``embedded-ll-cal``, ``embedded-ll-lora``, ``minilm``, ``keyword``, ``hybrid``, ``openai``, ``shipped``, ``fake``);
 - ``enrich_product(raw, extractor, cache=...)``: one product -> ``EnrichmentResult`` (an item, or
   an error record; never raises for a bad answer);
 - ``enrich_products`` / ``enrich_dataset``: batches with bounded concurrency, the cache, outputs.
@@ -11,8 +11,8 @@ Public API (what the CLI and the web service call):
 Modules: ``base`` (interface + registry), ``prompt`` (versioned prompt + answer schema),
 ``core`` (parse, repair, retry), ``cache`` (append-only JSONL log), ``batch``, ``rules`` (keyword
 baseline), one module per backend, ``fieldwise`` (extractors that pick each field's value:
-keyword, MiniLM nearest label), ``loglik`` (value scoring with the embedded LLM) and ``hybrid``
-(per-field sources from ``field_sources.toml``).
+keyword, MiniLM nearest label), ``loglik`` (value scoring with the embedded LLM), ``lora`` (the
+same with the committed LoRA adapter) and ``hybrid`` (per-field sources from ``field_sources.toml``).
 """
 
 from atelier.enrich import embedded as _embedded  # noqa: F401  (registers "embedded")
@@ -20,6 +20,7 @@ from atelier.enrich import fake as _fake  # noqa: F401  (registers "fake")
 from atelier.enrich import fieldwise as _fieldwise  # noqa: F401  (registers "keyword", "minilm")
 from atelier.enrich import hybrid as _hybrid  # noqa: F401  (registers "hybrid")
 from atelier.enrich import loglik as _loglik  # noqa: F401  (registers "embedded-ll", "embedded-ll-cal")
+from atelier.enrich import lora as _lora  # noqa: F401  (registers "embedded-ll-lora")
 from atelier.enrich import openai_backend as _openai  # noqa: F401  (registers "openai")
 from atelier.enrich import shipped as _shipped  # noqa: F401  (registers "shipped")
 from atelier.enrich.base import (

@@ -8,13 +8,18 @@ extraction benchmark's tuning half by ``choose_sources`` (``benchmarks/bench_ext
 ``default``; RE phrases come from the ``re`` backend (the generating LLM) when they are asked.
 
 The embedded LLM fills a field only where one of its variants strictly beat every non-LLM
-baseline on the tuning half; ties go to the cheaper method.
+baseline on the tuning half; ties go to the cheaper method. Such a field also names its ``baseline``
+(the best non-LLM method): when the LLM backend cannot run here (llama-cpp-python is an optional
+extra, the LoRA adapter may be absent), the field is filled by that baseline with a logged warning,
+and the hybrid model id says so (``+down:<backend>``), so the cache never mixes the two.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import logging
 import threading
 import tomllib
 from collections.abc import Mapping
@@ -22,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from atelier.enrich.base import ExtractionRequest, Extractor, get_extractor, register
+from atelier.enrich.base import BackendError, ExtractionRequest, Extractor, get_extractor, register
 from atelier.enrich.fieldwise import FieldwiseExtractor
 from atelier.enrich.prompt import UNKNOWN_LABEL, RawProduct, build_request, label_maps
 from atelier.schema import Schema, load_schema
@@ -34,16 +39,18 @@ __all__ = ["BASELINES", "LLM_METHODS", "METHOD_SOURCES", "FieldSource", "FieldSo
            "choose_sources", "load_sources"]
 
 SOURCES_FILE = Path(__file__).with_name("field_sources.toml")
+log = logging.getLogger(__name__)
 
 # Benchmark method -> backend that implements it (None: no backend, the fallback value only).
 METHOD_SOURCES: dict[str, str | None] = {
     "majority": None, "keyword": "keyword", "keyword_or_majority": "keyword", "minilm": "minilm",
     "keyword_or_minilm": "keyword-minilm",
     "embedded": "embedded", "loglik": "embedded-ll", "loglik_cal": "embedded-ll-cal",
+    "loglik_lora": "embedded-ll-lora",
 }
 # Cheapest first: on a tie the earlier one wins.
 BASELINES = ("majority", "keyword", "keyword_or_majority", "minilm", "keyword_or_minilm")
-LLM_METHODS = ("loglik", "loglik_cal", "embedded")
+LLM_METHODS = ("loglik", "loglik_cal", "loglik_lora", "embedded")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class FieldSource:
     method: str
     backend: str | None
     fallback: str | None = None
+    baseline: str | None = None  # non-LLM method used when ``backend`` cannot run here
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,8 @@ class FieldSources:
 
     def digest(self) -> str:
         """Short hash of the config (part of the hybrid backend's model id, hence of the cache key)."""
-        data = {n: (s.backend, s.fallback) for n, s in sorted(self.fields.items())}
+        data = {n: (s.backend, s.fallback) + ((s.baseline,) if s.baseline else ())
+                for n, s in sorted(self.fields.items())}
         return hashlib.sha256(json.dumps([data, self.default, self.re]).encode()).hexdigest()[:8]
 
 
@@ -83,7 +92,10 @@ def load_sources(path: Path | None = None) -> FieldSources:
         method = str(spec["method"])
         if method not in METHOD_SOURCES:
             raise ValueError(f"field_sources: {name}: unknown method {method!r}; known: {', '.join(METHOD_SOURCES)}")
-        fields[name] = FieldSource(method, METHOD_SOURCES[method], spec.get("fallback"))
+        baseline = spec.get("baseline")
+        if baseline is not None and baseline not in BASELINES:
+            raise ValueError(f"field_sources: {name}: baseline {baseline!r} is not one of {', '.join(BASELINES)}")
+        fields[name] = FieldSource(method, METHOD_SOURCES[method], spec.get("fallback"), baseline)
     default, re_backend = str(raw.get("default", "keyword")), str(raw.get("re", "embedded"))
     return FieldSources(fields, default=None if default in ("", "none") else default,
                         re=None if re_backend in ("", "none") else re_backend, note=str(raw.get("note", "")))
@@ -112,7 +124,7 @@ def choose_sources(tune: Mapping[str, Mapping[str, tuple[int, int]]],
                                "baseline_acc": acc[best_base]}
         if best_llm is not None:
             row.update(best_llm=best_llm, best_llm_acc=acc[best_llm])
-        if method in ("majority", "keyword_or_majority"):
+        if method in ("majority", "keyword_or_majority") or best_base in ("majority", "keyword_or_majority"):
             if not fallbacks or name not in fallbacks:
                 raise ValueError(f"{name}: {method} needs a fallback value")
             row["fallback"] = fallbacks[name]
@@ -131,6 +143,8 @@ def sources_toml(chosen: Mapping[str, Mapping[str, Any]], note: str, default: st
         lines.append(f'method = "{row["method"]}"  # tuning acc {row["acc"]:.3f}; best baseline '
                      f'{row["baseline"]} {row["baseline_acc"]:.3f}'
                      + (f'; best LLM {row["best_llm"]} {row["best_llm_acc"]:.3f}' if "best_llm" in row else ""))
+        if row["method"] in LLM_METHODS:
+            lines.append(f'baseline = "{row["baseline"]}"  # used where the LLM backend cannot run')
         if row.get("fallback"):
             lines.append(f'fallback = "{row["fallback"]}"')
         lines.append("")
@@ -150,6 +164,8 @@ class HybridExtractor(Extractor):
         self.schema = schema or load_schema()
         self._backends: dict[str, Extractor] = dict(backends or {})
         self._lock = threading.Lock()
+        self._down: set[str] = set()  # LLM backends that cannot run here (their fields use the baseline)
+        self._probed = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HybridExtractor:
@@ -163,10 +179,42 @@ class HybridExtractor(Extractor):
                 self._backends[name] = get_extractor(name, self.settings)
             return self._backends[name]
 
+    def _probe(self) -> None:
+        """Once: which LLM backends with a baseline cannot run here (no llama-cpp-python, no adapter)."""
+        if self._probed:
+            return
+        self._probed = True
+        llm = {METHOD_SOURCES[m] for m in LLM_METHODS}
+        for src in self.sources.fields.values():
+            name = src.backend
+            if name is not None and name in llm and src.baseline and name not in self._down:
+                try:
+                    if importlib.util.find_spec("llama_cpp") is None:
+                        raise BackendError("llama-cpp-python is not installed (optional extra: pip install "
+                                           "'atelier[llm]' or `make llm`)")
+                    self.backend(name)
+                except Exception as exc:  # any failure to build it means: use the baseline
+                    self._mark_down(name, exc)
+
+    def _mark_down(self, backend: str, exc: BaseException) -> None:
+        self._down.add(backend)
+        fields = [n for n, s in self.sources.fields.items() if s.backend == backend]
+        log.warning("hybrid: %s is unavailable (%s); fields %s use their baseline instead",
+                    backend, exc, ", ".join(fields))
+
+    def route(self, name: str) -> str | None:
+        """The backend that fills field ``name`` here: its source, or its baseline when the source is down."""
+        src = self.sources.source(name)
+        if src.backend in self._down and src.baseline:
+            return METHOD_SOURCES[src.baseline]
+        return src.backend
+
     @property
     def model_id(self) -> str:
-        """``hybrid@<config digest>`` (the config names the backends and their versions are pinned)."""
-        return f"hybrid@{self.sources.digest()}"
+        """``hybrid@<config digest>[+down:<backends>]`` (the config names the backends; their versions are pinned)."""
+        self._probe()
+        down = sorted(self._down)
+        return f"hybrid@{self.sources.digest()}" + (f"+down:{','.join(down)}" if down else "")
 
     def _ask(self, name: str, request: ExtractionRequest, fields: list[str], re_fields: list[str]) -> dict[str, Any]:
         """One sub-backend's answer for ``fields`` (and RE fields) as a dict ({} when it is not JSON)."""
@@ -190,14 +238,25 @@ class HybridExtractor(Extractor):
         ctx = request.context
         fields = [f for f in ctx.get("fields", []) if f in self.schema.std]
         re_fields = list(ctx.get("re_fields", [])) if self.sources.re else []
+        self._probe()
         groups: dict[str, list[str]] = {}
         for name in fields:
-            backend = self.sources.source(name).backend
+            backend = self.route(name)
             if backend is not None:
                 groups.setdefault(backend, []).append(name)
         answer: dict[str, Any] = {}
         for backend, names in groups.items():
-            got = self._ask(backend, request, names, re_fields if backend == self.sources.re else [])
+            try:
+                got = self._ask(backend, request, names, re_fields if backend == self.sources.re else [])
+            except BackendError as exc:
+                # An LLM source that fails at run time (model or adapter cannot load): baseline, not an error.
+                if not all(self.sources.source(n).baseline and self.sources.source(n).backend == backend
+                           for n in names):
+                    raise
+                self._mark_down(backend, exc)
+                got = {}
+                for base, sub in _group({n: self.route(n) for n in names}).items():
+                    got.update(self._ask(base, request, sub, []))
             answer.update({n: got.get(n, UNKNOWN_LABEL) for n in names})
             if "re" in got and backend == self.sources.re:
                 answer["re"] = got["re"]
@@ -216,3 +275,13 @@ class HybridExtractor(Extractor):
         """Close every sub-backend."""
         for ex in self._backends.values():
             ex.close()
+
+
+def _group(routes: Mapping[str, str | None]) -> dict[str, list[str]]:
+    """{backend: fields} from {field: backend} (fields without a backend left out)."""
+    out: dict[str, list[str]] = {}
+    for name, backend in routes.items():
+        if backend is not None:
+            out.setdefault(backend, []).append(name)
+    return out
+
