@@ -157,6 +157,8 @@ def test_fit_recommend_and_explain_are_consistent(toy: tuple[TrainData, Path]) -
     ranked = rec.recommend([q, Query("new")], k=10)
     assert all(len(r) == 10 and len(set(r)) == 10 for r in ranked)
     expl = rec.explain(q, [*ranked[0][:3], "i5"])
+    given = dict(zip([*ranked[0][:3], "i5"], rec.score(q, [*ranked[0][:3], "i5"]).tolist(), strict=True))
+    assert rec.scorer.explain(q, list(given), scores=given) == expl  # reorder's scores spare a forward
     assert [e["item_id"] for e in expl] == [*ranked[0][:3], "i5"]
     hist_labels = {f"{f}={v}" for i in ("i0", "i5") for f, v in rec.feat.cat.labels[rec.feat.cat.index[i]].items()}
     for e in expl:

@@ -404,9 +404,10 @@ def recommend_cmd(
             why: dict[str, str] = {}
             if use_ranker:
                 scorer, _ = load_scorer(settings, dataset)
-                hits = [(i, p if p is not None else float("nan")) for i, p in
-                        scorer.reorder(query, [i for i, _ in hits])[:k]]
-                for e in scorer.explain(query, [i for i, _ in hits]):
+                order = scorer.reorder(query, [i for i, _ in hits])[:k]
+                hits = [(i, p if p is not None else float("nan")) for i, p in order]
+                scored = {i: p for i, p in order if p is not None}
+                for e in scorer.explain(query, list(scored), scores=scored):
                     matches = ", ".join(e["matches"]["history"][:3])
                     pairs = ", ".join(f"{field_label(u)} x {field_label(i)}" for u, i, _ in e["top_pairs"][:2])
                     why[e["item_id"]] = "; ".join(p for p in (f"shares {matches}" if matches else "",

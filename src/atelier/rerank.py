@@ -15,7 +15,7 @@ import json
 import math
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
@@ -473,40 +473,46 @@ class Scorer:
         best = iter([(known[i], float(p[i])) for i in np.argsort(-p, kind="stable")])
         return [next(best) if c in self.feat.cat.index else (c, None) for c in candidates]
 
-    def explain(self, query: Query, items: Sequence[str], top: int = 3) -> list[dict[str, Any]]:
+    def explain(self, query: Query, items: Sequence[str], top: int = 3,
+                scores: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
         """Per item: score, its attributes matching the shopper's history/profile/context, and the fields
-        and user x item field pairs with the largest FM second-order terms."""
+        and user x item field pairs with the largest FM second-order terms. ``scores`` are the items'
+        probabilities when the caller has them (from ``reorder``): a DeepFM forward fewer."""
         items = [i for i in items if i in self.feat.cat.index]
         if not items:
             return []
         x = self.feat.rows(query, items, rank_scores(len(items)), self.stats)
-        p = predict(self.model, x)
+        p = np.array([scores[i] for i in items]) if scores is not None else predict(self.model, x)
         with torch.inference_mode():
             terms, names = fm_terms(self.model, torch.from_numpy(x))  # (n, F, F)
         user_fields = {"hist_std", "hist_re", *USER_BUCKETS}
-        hist_values = {self.vocab.std_token(int(i)) for i in self.feat.user_part(query)["hist_std"] if i}
-        out = []
+        is_user = torch.tensor([n in user_fields for n in names])
         # A field whose input is missing (id 0: no weight given, empty history) still has a learned row,
         # but "your missing weight" explains nothing: such fields are left out of the explanation.
-        present = torch.tensor([n in user_fields and bool(x[0, slice(*self.feat.layout[n])].any()) for n in names])
+        here = torch.from_numpy(np.stack([x[:, slice(*self.feat.layout[n])].any(axis=1) for n in names], axis=1))
+        t = terms * (here[:, :, None] & here[:, None, :])
+        t.diagonal(dim1=1, dim2=2).zero_()
+        share = (0.5 * t.sum(2)).masked_fill(~here, float("-inf"))  # (n, F) each field's half of its pairs
+        pair_mask = here[:, :, None] & here[:, None, :] & is_user[None, :, None] & ~is_user[None, None, :]
+        pairs = t.masked_fill(~pair_mask, float("-inf")).flatten(1)  # (n, F*F) user x item terms only
+        k_pairs = min(top, pairs.shape[1])
+        pair_vals, pair_idx = pairs.topk(k_pairs, dim=1)
+        field_vals, field_idx = share.topk(min(top, len(names)), dim=1)
+        hist_values = {self.vocab.std_token(int(i)) for i in self.feat.user_part(query)["hist_std"] if i}
+        history, profile = set(query.history), sorted(k for k, v in query.profile.items() if v is not None)
+        out = []
         for row, item in enumerate(items):
-            here = present | torch.tensor([bool(x[row, slice(*self.feat.layout[n])].any()) and n not in user_fields
-                                           for n in names])
-            t = terms[row].clone() * (here[:, None] & here[None, :])
-            t.fill_diagonal_(0)
-            share = 0.5 * t.sum(1)  # (F,) each field's half of its pairs
-            fields = [(names[j], round(float(share[j]), 4)) for j in torch.argsort(share, descending=True)
-                      if here[j]][:top]
-            pairs = [(names[a], names[b], float(t[a, b])) for a in range(len(names)) for b in range(len(names))
-                     if names[a] in user_fields and names[b] not in user_fields and here[a] and here[b]]
-            pairs.sort(key=lambda e: -e[2])
             label = self.feat.cat.labels[self.feat.cat.index[item]]
             matches = {"history": sorted(f"{f}={v}" for f, v in label.items() if (f, v) in hist_values),
-                       "repurchase": item in set(query.history),
-                       "profile": sorted(k for k, v in query.profile.items() if v is not None),
-                       "context": query.context}
+                       "repurchase": item in history, "profile": profile, "context": query.context}
+            fields = [(names[j], round(float(v), 4)) for j, v in zip(field_idx[row].tolist(),
+                                                                     field_vals[row].tolist(), strict=True)
+                      if v != float("-inf")]
+            top_pairs = [(names[j // len(names)], names[j % len(names)], round(float(v), 4))
+                         for j, v in zip(pair_idx[row].tolist(), pair_vals[row].tolist(), strict=True)
+                         if v != float("-inf")]
             out.append({"item_id": item, "score": round(float(p[row]), 5), "matches": matches,
-                        "top_fields": fields, "top_pairs": [(a, b, round(v, 4)) for a, b, v in pairs[:top]]})
+                        "top_fields": fields, "top_pairs": top_pairs})
         return out
 
 

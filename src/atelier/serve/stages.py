@@ -413,7 +413,8 @@ class RerankStage:
         query = Query(user_id="request", history=tuple(dict.fromkeys([*request.history, *request.cart])),
                       profile=dict(request.profile), context=request.context)
         order = self.scorer.reorder(query, [s.item_id for s in got])[: request.k]
-        why = {e["item_id"]: e for e in self.scorer.explain(query, [i for i, p in order if p is not None])}
+        scored = {i: p for i, p in order if p is not None}
+        why = {e["item_id"]: e for e in self.scorer.explain(query, list(scored), scores=scored)}
         source = {s.item_id: s for s in got}
         out = []
         for item_id, p in order:
