@@ -35,6 +35,7 @@ sampled retries (a truncated answer becomes an error record).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import sys
@@ -133,7 +134,7 @@ def grammar_tables(pieces: list[bytes]) -> dict[str, Any]:
     V = len(pieces)
     plain = np.zeros(V, dtype=bool)
     clen = np.zeros(V, dtype=np.int16)
-    for i, (p, t) in enumerate(zip(pieces, texts, strict=True)):
+    for i, (p, _t) in enumerate(zip(pieces, texts, strict=True)):
         if not p:
             continue
         # code points (continuation bytes do not count); byte tokens count as one
@@ -299,7 +300,8 @@ class Decoder:
         assert n <= V, (V, n)
         self.V = V
         n_live = meta["n_live"]
-        self.n_live, self.in_base, self.maxlen, self.end_code = n_live, meta["in_base"], meta["maxlen"], meta["end_code"]
+        self.n_live, self.in_base = n_live, meta["in_base"]
+        self.maxlen, self.end_code = meta["maxlen"], meta["end_code"]
         tbl = torch.full((2 * n_live, V), -1, dtype=torch.int16)
         tbl[torch.from_numpy(spec["tbl_s"].astype("int64")), torch.from_numpy(spec["tbl_t"].astype("int64"))] = \
             torch.from_numpy(spec["tbl_n"])
@@ -321,7 +323,8 @@ class Decoder:
         self.n_fields = len(meta["re_fields"])
         self.start = torch.tensor(meta["start_ids"], dtype=torch.long, device=device)
 
-    def generate(self, prompts: list[list[int]], max_new: int, compact_at: float = 0.7) -> tuple[list[list[int]], dict[str, int]]:
+    def generate(self, prompts: list[list[int]], max_new: int,
+                 compact_at: float = 0.7) -> tuple[list[list[int]], dict[str, int]]:
         """Greedy answers (token ids, forced ones included) for one batch of prompt token lists."""
         import torch
         from transformers import DynamicCache
@@ -440,10 +443,8 @@ def run(spec_path: Path, gguf_dir: Path, gguf_file: str, out: Path, batch: int, 
         try:
             with gzip.open(path, "rt") as fh:
                 for line in fh:
-                    try:
+                    with contextlib.suppress(json.JSONDecodeError, KeyError):
                         done_hashes.add(json.loads(line)["h"])
-                    except (json.JSONDecodeError, KeyError):
-                        pass
         except (EOFError, OSError):
             pass  # a torn end of an interrupted call
     todo = [i for i in range(len(hashes)) if hashes[i] not in done_hashes]
@@ -490,9 +491,11 @@ def run(spec_path: Path, gguf_dir: Path, gguf_file: str, out: Path, batch: int, 
             report["batches"].append(row)
             print(f"batch {b0 // batch}: {row}  total {n_done}/{len(todo)} "
                   f"{n_done / gen_s:.1f} inputs/s", flush=True)
-    report.update(inputs=n_done, generation_seconds=round(gen_s, 1), inputs_per_s=round(n_done / gen_s, 1) if gen_s else 0,
+    report.update(inputs=n_done, generation_seconds=round(gen_s, 1),
+                  inputs_per_s=round(n_done / gen_s, 1) if gen_s else 0,
                   answer_tokens=n_tokens, new_tokens_per_s=round(n_tokens / gen_s) if gen_s else 0,
-                  wall_seconds=round(time.perf_counter() - t_all, 1), wall_generation_seconds=round(time.perf_counter() - t_gen0, 1),
+                  wall_seconds=round(time.perf_counter() - t_all, 1),
+                  wall_generation_seconds=round(time.perf_counter() - t_gen0, 1),
                   max_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "batches"}), flush=True)
@@ -606,17 +609,21 @@ def pack_tower(dataset: str, out: Path, run_dir: Path) -> None:
     vocab = Vocab.load(vocab_path(settings))
     items = load_tables(settings.dataset_dir(dataset))[0]
     jsons = with_shipped_re(column_items(items, dataset), dataset)
-    texts = item_texts(items["title"].fillna("").astype(str).tolist(), items["description"].fillna("").astype(str).tolist())
+    titles = items["title"].fillna("").astype(str).tolist()
+    texts = item_texts(titles, items["description"].fillna("").astype(str).tolist())
     x = item_inputs(jsons, vocab, encode_texts(texts, settings.run_dir / "features"))
     text = x.text[:, 0].numpy()
     unique, inverse = np.unique(text, axis=0, return_inverse=True)
     fields = ("std_ids", "std_field_ids", "std_mask", "re_ids", "re_parent_ids", "re_field_ids", "re_mask")
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"dataset": dataset, "vocab": vocab.to_dict(),
-                "tokens": {f: (getattr(x.tokens, f).int() if f.endswith("ids") else getattr(x.tokens, f)) for f in fields},
-                "text_unique": torch.from_numpy(unique).half(), "text_index": torch.from_numpy(inverse.reshape(-1)).int(),
+                "tokens": {
+                    f: (getattr(x.tokens, f).int() if f.endswith("ids") else getattr(x.tokens, f)) for f in fields},
+                "text_unique": torch.from_numpy(unique).half(),
+                "text_index": torch.from_numpy(inverse.reshape(-1)).int(),
                 "item_ids": items["item_id"].astype(str).tolist()}, out)
-    print(f"packed {len(items)} items, RE tokens on {int(x.tokens.re_mask.any(1).sum())} ({out.stat().st_size / 2**20:.1f} MiB)")
+    n_re = int(x.tokens.re_mask.any(1).sum())
+    print(f"packed {len(items)} items, RE tokens on {n_re} ({out.stat().st_size / 2**20:.1f} MiB)")
 
 
 def tower_eval(dataset: str, checkpoints: Path, run_dir: Path, out: Path) -> None:

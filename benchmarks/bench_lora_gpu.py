@@ -72,7 +72,8 @@ def export(out: Path, n_train: int, seed: int) -> None:
                     train.append([prefix + spec["questions"][f], ids(value_text[f][vals[0]]), f])
 
         def pack(prods: list[Any], golds: list[dict[str, str]]) -> list[dict[str, Any]]:
-            return [{"item_id": p.item_id, "prefix": ids(head + "Product: " + product_text(p.title, p.description), bos=True),
+            return [{"item_id": p.item_id,
+                     "prefix": ids(head + "Product: " + product_text(p.title, p.description), bos=True),
                      "gold": g} for p, g in zip(prods, golds, strict=True)]
 
         sets = {"sample_test": pack([products[i] for i in halves["test"]], [gold[i] for i in halves["test"]]),
@@ -92,7 +93,8 @@ def export(out: Path, n_train: int, seed: int) -> None:
     print("written", out / "spec.json", round((out / "spec.json").stat().st_size / 1e6, 1), "MB")
 
 
-def run(spec_path: Path, gguf_dir: Path, gguf_file: str, out: Path, steps: int, batch: int, lr: float, rank: int) -> None:
+def run(spec_path: Path, gguf_dir: Path, gguf_file: str, out: Path, steps: int, batch: int, lr: float,
+        rank: int) -> None:
     """Score with the base model, train LoRA, score again; report and adapter to ``out``."""
     import torch
 
