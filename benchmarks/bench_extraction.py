@@ -664,6 +664,28 @@ def select(datasets: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return choose_sources(tune, fallbacks)
 
 
+def merge_methods(datasets: list[dict[str, Any]], earlier: dict[str, Any]) -> list[str]:
+    """Add the methods of an earlier report of the same sample (same items and halves) that ``datasets`` lacks.
+
+    Lets ``--write-sources`` choose among every method measured on the tuning half without rerunning
+    the slow ones. Returns the "dataset/method" names added; refuses a report of a different sample.
+    """
+    added = []
+    old = {d["dataset"]: d for d in earlier["datasets"]}
+    for ds in datasets:
+        prev = old.get(ds["dataset"])
+        if prev is None:
+            continue
+        if prev["halves"] != ds["halves"]:
+            raise SystemExit(f"--also: {ds['dataset']}: the earlier report is of a different sample or split")
+        for f, row in ds["fields"].items():
+            for m, res in prev["fields"].get(f, {}).get("methods", {}).items():
+                if m not in row["methods"]:
+                    row["methods"][m] = res
+                    added.append(f"{ds['dataset']}/{m}")
+    return sorted(set(added))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run each dataset, write the JSON report, print the table."""
     argv = sys.argv[1:] if argv is None else argv
@@ -682,21 +704,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--write-sources", action="store_true",
                     help=f"write the per-field choice (tuning half) to {SOURCES_FILE.name}")
     ap.add_argument("--tag", default="heldout", help="suffix for the result file name")
+    ap.add_argument("--also", type=Path, help="earlier report of the same sample whose other methods join the "
+                    "tables and the --write-sources choice (e.g. the LLM variants, not rerun)")
+    ap.add_argument("--from-report", type=Path, help="run nothing: reuse this report (with --also / --write-sources)")
     args = ap.parse_args(argv)
     settings = Settings()
     commit = git_commit()  # at the start: the code that ran, not what was committed meanwhile
     cache_file = settings.run_dir / "enrich" / "bench-cache.jsonl"
-    datasets = [run_dataset(settings, ds, args.n, args.seed, args.split_seed, args.backends, not args.no_loglik,
-                            cache_file, args.lora) for ds in args.datasets]
-    report: dict[str, Any] = {
-        "command": " ".join([Path(sys.argv[0]).name, *argv]),
-        "git_commit": commit, "machine": machine(), "load_average": os.getloadavg(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "prompt_version": PROMPT_VERSION,
-        "datasets": datasets,
-    }
+    if args.from_report:
+        report = json.loads(args.from_report.read_text())
+        datasets = report["datasets"]
+    else:
+        datasets = [run_dataset(settings, ds, args.n, args.seed, args.split_seed, args.backends,
+                                not args.no_loglik, cache_file, args.lora) for ds in args.datasets]
+        report = {
+            "command": " ".join([Path(sys.argv[0]).name, *argv]),
+            "git_commit": commit, "machine": machine(), "load_average": os.getloadavg(),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "prompt_version": PROMPT_VERSION,
+            "datasets": datasets,
+        }
+    if args.also:
+        report["merged_from"] = {"report": str(args.also), "methods": merge_methods(
+            datasets, json.loads(args.also.read_text()))}
     report["selection"] = select(datasets)
     name = f"extraction-{dt.date.today()}{'-' + args.tag if args.tag else ''}.json"
-    out = ROOT / "benchmarks" / "results" / name
+    out = args.from_report or ROOT / "benchmarks" / "results" / name
+    name = out.name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     if args.write_sources:

@@ -51,6 +51,8 @@ METHOD_SOURCES: dict[str, str | None] = {
 # Cheapest first: on a tie the earlier one wins.
 BASELINES = ("majority", "keyword", "keyword_or_majority", "minilm", "keyword_or_minilm")
 LLM_METHODS = ("loglik", "loglik_cal", "loglik_lora", "embedded")
+# Backends that run the embedded model in-process (need the optional llama-cpp-python).
+LOCAL_LLM = frozenset({"embedded", "embedded-ll", "embedded-ll-cal", "embedded-ll-lora"})
 
 
 @dataclass(frozen=True)
@@ -185,22 +187,29 @@ class HybridExtractor(Extractor):
             return
         self._probed = True
         llm = {METHOD_SOURCES[m] for m in LLM_METHODS}
+        no_llama = importlib.util.find_spec("llama_cpp") is None
+        missing = BackendError("llama-cpp-python is not installed (optional extra: pip install 'atelier[llm]' "
+                               "or `make llm`)")
         for src in self.sources.fields.values():
             name = src.backend
             if name is not None and name in llm and src.baseline and name not in self._down:
                 try:
-                    if importlib.util.find_spec("llama_cpp") is None:
-                        raise BackendError("llama-cpp-python is not installed (optional extra: pip install "
-                                           "'atelier[llm]' or `make llm`)")
+                    if no_llama and name in LOCAL_LLM:
+                        raise missing
                     self.backend(name)
                 except Exception as exc:  # any failure to build it means: use the baseline
                     self._mark_down(name, exc)
+        if self.sources.re in LOCAL_LLM and no_llama and self.sources.re not in self._down:
+            self._mark_down(self.sources.re, missing)
 
     def _mark_down(self, backend: str, exc: BaseException) -> None:
         self._down.add(backend)
-        fields = [n for n, s in self.sources.fields.items() if s.backend == backend]
-        log.warning("hybrid: %s is unavailable (%s); fields %s use their baseline instead",
-                    backend, exc, ", ".join(fields))
+        fields = [n for n, s in self.sources.fields.items() if s.backend == backend and s.baseline]
+        if fields:
+            log.warning("hybrid: %s is unavailable (%s); fields %s use their baseline instead",
+                        backend, exc, ", ".join(fields))
+        if backend == self.sources.re:
+            log.warning("hybrid: %s is unavailable (%s); RE phrases are left empty", backend, exc)
 
     def route(self, name: str) -> str | None:
         """The backend that fills field ``name`` here: its source, or its baseline when the source is down."""
@@ -237,8 +246,8 @@ class HybridExtractor(Extractor):
         """Each field from its source, the fallback where the source said nothing, RE from ``re``."""
         ctx = request.context
         fields = [f for f in ctx.get("fields", []) if f in self.schema.std]
-        re_fields = list(ctx.get("re_fields", [])) if self.sources.re else []
         self._probe()
+        re_fields = list(ctx.get("re_fields", [])) if self.sources.re and self.sources.re not in self._down else []
         groups: dict[str, list[str]] = {}
         for name in fields:
             backend = self.route(name)
@@ -261,7 +270,12 @@ class HybridExtractor(Extractor):
             if "re" in got and backend == self.sources.re:
                 answer["re"] = got["re"]
         if re_fields and "re" not in answer and self.sources.re:
-            answer["re"] = self._ask(self.sources.re, request, [], re_fields).get("re", {})
+            try:
+                answer["re"] = self._ask(self.sources.re, request, [], re_fields).get("re", {})
+            except BackendError as exc:
+                if self.sources.re not in LOCAL_LLM:
+                    raise
+                self._mark_down(self.sources.re, exc)  # the in-process model cannot load: no RE, not an error
         for name in fields:
             src = self.sources.source(name)
             if answer.get(name, UNKNOWN_LABEL) == UNKNOWN_LABEL:
