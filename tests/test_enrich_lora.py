@@ -163,6 +163,19 @@ def test_hybrid_without_llama_cpp_uses_the_baseline_from_the_start(monkeypatch: 
     assert _Broken.calls == 0
 
 
+def test_hybrid_without_llama_cpp_leaves_re_empty_instead_of_failing(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    sources = FieldSources(fields=_sources().fields, re="embedded")
+    hybrid = HybridExtractor(sources, backends={"embedded-ll-lora": _Broken(SCHEMA), "embedded": _Broken(SCHEMA),
+                                                "keyword": KeywordExtractor(SCHEMA)}, schema=SCHEMA)
+    options = EnrichOptions(full=True, fields=("color",), re_fields=("category_specification",), show_known=False)
+    result = enrich_product(SHIRT, hybrid, schema=SCHEMA, options=options)
+    assert result.status == "ok", result.issues
+    assert result.extracted["clothes"]["color"] == ["navy"] and not any(result.extracted["re"].values())
+    assert hybrid.model_id.endswith("+down:embedded,embedded-ll-lora")
+
+
 # --------------------------------------------------------------------------- the real model (llama.cpp)
 
 
