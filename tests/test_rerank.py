@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
@@ -180,14 +180,18 @@ def test_fit_recommend_and_explain_are_consistent(toy: tuple[TrainData, Path]) -
     assert ranked[0] == [cands[i] for i in np.argsort(-p, kind="stable")][:10]
 
 
-def test_overfit_a_tiny_set() -> None:
-    cfg = RankerConfig(std_size=50, re_size=40, embedding_dim=8, dropout=0.0, transfer=False)
-    model = build_ranker(cfg)
+def _tiny(n: int, low: int = 1) -> tuple[Any, np.ndarray, int, np.random.Generator]:
+    """A small ranker, n input rows with random item categories in [low, 50), and the category column."""
+    model = build_ranker(RankerConfig(std_size=50, re_size=40, embedding_dim=8, dropout=0.0, transfer=False))
     rng = np.random.default_rng(0)
-    width = max(b for _, b in model.feature_index.values())
-    x = np.zeros((64, width), np.float32)
+    x = np.zeros((n, max(b for _, b in model.feature_index.values())), np.float32)
     a, _ = model.feature_index["item_category"]
-    x[:, a] = rng.integers(1, 50, 64)
+    x[:, a] = rng.integers(low, 50, n)
+    return model, x, a, rng
+
+
+def test_overfit_a_tiny_set() -> None:
+    model, x, a, rng = _tiny(64)
     h, _ = model.feature_index["hist_std"]
     x[:, h] = rng.integers(1, 50, 64)
     y = (x[:, a] % 2 == x[:, h] % 2).astype(np.float32)  # a pure interaction: needs the FM/DNN part
@@ -206,13 +210,7 @@ def test_listwise_loss_is_softmax_cross_entropy_per_user() -> None:
 
 
 def test_listwise_training_learns_the_order_within_users() -> None:
-    cfg = RankerConfig(std_size=50, re_size=40, embedding_dim=8, dropout=0.0, transfer=False)
-    model = build_ranker(cfg)
-    rng = np.random.default_rng(0)
-    width = max(b for _, b in model.feature_index.values())
-    x = np.zeros((200, width), np.float32)
-    a, _ = model.feature_index["item_category"]
-    x[:, a] = rng.integers(8, 50, 200)  # negatives never share the bought category
+    model, x, a, rng = _tiny(200, low=8)  # negatives never share the bought category (7)
     group = np.repeat(np.arange(20), 10)
     y = np.zeros(200, np.float32)
     y[np.arange(20) * 10 + rng.integers(0, 10, 20)] = 1.0
