@@ -396,14 +396,18 @@ def recommend_cmd(
     use_ranker = rerank and ranker_path(settings, dataset).is_file()
 
     def answer() -> tuple[list[dict[str, object]], dict[str, str]]:
+        from atelier.ingest import load_tables
+        from atelier.recommender import TrainData
+
         model_id = two_tower_model_id(settings, dataset)
-        retriever = serving_retriever(settings, dataset)
+        data = TrainData(dataset, *load_tables(settings.dataset_dir(dataset)), settings.run_dir / "features")
+        retriever = serving_retriever(settings, dataset, data)  # the tables read once for both stages
         with open_store(settings, pool_size=1) as store:
             hits = retrieve(store, model_id, retriever, query, max(k, 100) if use_ranker else k,
                             exclude_history=exclude_history)
             why: dict[str, str] = {}
             if use_ranker:
-                scorer, _ = load_scorer(settings, dataset)
+                scorer, _ = load_scorer(settings, dataset, data)
                 order = scorer.reorder(query, [i for i, _ in hits])[:k]
                 hits = [(i, p if p is not None else float("nan")) for i, p in order]
                 scored = {i: p for i, p in order if p is not None}
