@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from atelier.config import Settings
-from atelier.evaluate import POPULARITY_WINDOW_DAYS, build_queries, evaluate, git_commit, machine, time_split
+from atelier.datasets import POPULARITY_WINDOW_DAYS, build_queries, time_split
+from atelier.evaluate import evaluate, git_commit, machine
 from atelier.ingest import load_tables
 from atelier.models.ranker import RankerConfig
 from atelier.recommender import Recommender

@@ -12,7 +12,8 @@ from atelier.baselines import (
     RepurchaseRecommender,
     SegmentPopularityRecommender,
 )
-from atelier.evaluate import EvaluationError, build_queries, evaluate, time_split, write_report
+from atelier.datasets import EvaluationError, build_queries, time_split
+from atelier.evaluate import evaluate, write_report
 from atelier.ingest import ingest
 from atelier.recommender import Query, TrainData, fill, popular_items
 
@@ -127,7 +128,7 @@ def test_evaluate_writes_report_and_plots(tmp_path: Path) -> None:
 
 
 def test_test_file_split_trains_on_everything_before_it(tmp_path: Path) -> None:
-    from atelier.evaluate import file_split
+    from atelier.datasets import file_split
 
     items = pd.DataFrame({"item_id": ["0000000001", "0000000002", "0000000003"]})
     interactions = _inter([("u1", "0000000001", "2020-09-16"), ("u1", "0000000002", "2020-09-20"),

@@ -55,7 +55,7 @@ def breakdown(run_dir: Path, n: int = 200, seed: int = 0) -> dict[str, Any]:
     store = svc.store()
     assert store is not None, "the benchmark store is not reachable"
     timer.wrap(store, "search", "ann search (pgvector HNSW)")
-    timer.wrap(stages_mod, "vectors_of", "seed item vectors (store read)")
+    timer.wrap(store, "vectors_of", "seed item vectors (store read)")
     timer.wrap(service_mod, "fetch_items", "answer item JSON (store read)")
     timer.wrap(service_mod, "explain", "explanations")
     timer.wrap(service_mod, "attribute_sets", "explanations")

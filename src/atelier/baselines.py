@@ -3,8 +3,8 @@
 - random: uniform over the catalogue (a floor)
 - popularity: interaction counts over the last few training days
 - repurchase+popularity: the user's own items, most recent first, then popularity (the classic H&M heuristic)
-- text-knn: all-MiniLM-L6-v2 over title + description; user = mean of history vectors; cosine
-  over the whole catalogue; popularity for users with no history
+- text-knn: all-MiniLM-L6-v2 over title + description; user = mean of history (and cart) vectors;
+  cosine over the whole catalogue; popularity for users with neither
 - profile-popularity: popularity among shoppers with a similar body (body type, height, weight)
 - context-popularity: popularity among rentals for the same occasion
 """
@@ -76,7 +76,7 @@ class RepurchaseRecommender(PopularityRecommender):
 
 
 class VectorKNNRecommender(PopularityRecommender):
-    """Cosine similarity of item vectors to the mean of the user's history; popularity without history.
+    """Cosine similarity of item vectors to the mean of the user's history and cart; popularity without either.
 
     Subclasses say where the vectors come from (``item_vectors``); the ranking is shared.
     """
@@ -103,9 +103,9 @@ class VectorKNNRecommender(PopularityRecommender):
         return self
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
-        """Nearest catalogue items to each user's mean history vector; popularity without history."""
+        """Nearest catalogue items to each user's mean history-and-cart vector; popularity without either."""
         out: list[list[str]] = [[] for _ in queries]
-        rows = [(qi, [self._index[i] for i in q.history if i in self._index]) for qi, q in enumerate(queries)]
+        rows = [(qi, [self._index[i] for i in q.seeds if i in self._index]) for qi, q in enumerate(queries)]
         with_history = [(qi, idx) for qi, idx in rows if idx]
         for start in range(0, len(with_history), self.batch_users):
             batch = with_history[start : start + self.batch_users]
@@ -166,14 +166,14 @@ class SegmentPopularityRecommender(PopularityRecommender):
 
     def __init__(
         self, by: str = "profile", window_days: float | None = None, min_support: int = 1000,
-        segment_window_days: float | None = 180,
+        segment_window_days: float | None = 180, name: str | None = None,
     ) -> None:
         super().__init__(window_days)
         self.segment_window_days = segment_window_days
         if by not in ("profile", "context"):
             raise ValueError(f"by must be 'profile' or 'context', got {by!r}")
         self.by = by
-        self.name = f"{by}-popularity"  # type: ignore[misc]
+        self.name = name or f"{by}-popularity"  # type: ignore[misc]
         self.min_support = min_support
         self.segments: dict[tuple[str, ...], list[str]] = {}
 

@@ -396,11 +396,10 @@ def recommend_cmd(
     use_ranker = rerank and ranker_path(settings, dataset).is_file()
 
     def answer() -> tuple[list[dict[str, object]], dict[str, str]]:
-        from atelier.ingest import load_tables
-        from atelier.recommender import TrainData
+        from atelier.datasets import load_current
 
         model_id = two_tower_model_id(settings, dataset)
-        data = TrainData(dataset, *load_tables(settings.dataset_dir(dataset)), settings.run_dir / "features")
+        data = load_current(dataset, settings.dataset_dir(dataset), settings.run_dir / "features")
         retriever = serving_retriever(settings, dataset, data)  # the tables read once for both stages
         with open_store(settings, pool_size=1) as store:
             hits = retrieve(store, model_id, retriever, query, max(k, 100) if use_ranker else k,
@@ -547,22 +546,49 @@ def run_evaluate(
     return report, write_report(report, settings.run_dir / "reports")
 
 
+def file_result(settings: Settings, report: dict[str, object], kind: str) -> Path:
+    """Copy an evaluation report to ``<results>/<kind>-<date>-<dataset>.json`` with the command that made it
+    (the README's tables are generated from these files)."""
+    import sys
+    from datetime import date
+
+    out = settings.result_files_dir() / f"{kind}-{date.today().isoformat()}-{report['dataset']}.json"
+    write_json(out, {"command": "atelier " + " ".join(sys.argv[1:]), **report}, indent=2, default=float)
+    return out
+
+
 def print_report(report: dict[str, object]) -> None:
-    """The evaluation table: metrics over all test users, the history cohort and cold items."""
-    split = report["split"]
-    table = Table(title=f"{report['dataset']}: {split['source']}, train {split['train_days']}, "  # type: ignore[index]
-                        f"test {split['test_days']}, {split['scored_users']:,} users "  # type: ignore[index]
-                        f"({split['users_with_history']:,} with history)")  # type: ignore[index]
+    """The evaluation table (all test users, the history, new-shopper and cart cohorts, cold items), then what
+    each candidate source finds on its own."""
+    split: dict[str, Any] = report["split"]  # type: ignore[assignment]
+    kind = "validation split" if split.get("validation") else "test"
+    table = Table(title=f"{report['dataset']} ({kind}): {split['source']}, train {split['train_days']}, "
+                        f"test {split['test_days']}, {split['scored_users']:,} users "
+                        f"({split['users_with_history']:,} with history, {split.get('cart_users', 0):,} carts)")
     table.add_column("model")
-    for col in (*METRIC_COLUMNS, "MAP@12 hist", "MAP@12 new", "cold R@100", "cov@12", "fit s"):
+    for col in (*METRIC_COLUMNS, "MAP@12 hist", "MAP@12 new", "MAP@12 cart", "R@100 cart", "cold R@100", "cov@12",
+                "fit s"):
         table.add_column(col, justify="right")
     for name, m in report["models"].items():  # type: ignore[attr-defined]
         allm, hist, new = (m["cohorts"][c] for c in ("all", "with_history", "without_history"))
+        cart = m["cohorts"].get("cart", {})
         cold = m["cold_items"]["recall@100"]
         table.add_row(name, *[f"{allm[c]:.4f}" for c in METRIC_COLUMNS], f"{hist.get('map@12', 0):.4f}",
-                      f"{new.get('map@12', 0):.4f}", "n/a" if cold != cold else f"{cold:.4f}",
+                      f"{new.get('map@12', 0):.4f}", f"{cart.get('map@12', float('nan')):.4f}",
+                      f"{cart.get('recall@100', float('nan')):.4f}", "n/a" if cold != cold else f"{cold:.4f}",
                       f"{m['coverage@12']:.4f}", f"{m['fit_seconds']:.1f}")
     console.print(table)
+    sources: dict[str, dict[str, dict[str, float]]] = report.get("sources", {})  # type: ignore[assignment]
+    if sources:
+        cohorts = list(dict.fromkeys(c for per in sources.values() for c in per))
+        table = Table(title=f"{report['dataset']}: candidate sources on their own (recall@50 / @100 / @200)")
+        table.add_column("source")
+        for cohort in cohorts:
+            table.add_column(cohort, justify="right")
+        for name, per in sources.items():
+            table.add_row(name, *[" / ".join(f"{per[c][f'recall@{k}']:.3f}" for k in (50, 100, 200))
+                                  if c in per else "" for c in cohorts])
+        console.print(table)
 
 
 @app.command("evaluate")
@@ -727,7 +753,7 @@ def run_cmd(
         if name in names:
             report, path = _run(lambda name=name: run_evaluate(settings, name, max_users=max_users))  # type: ignore[misc]
             print_report(report)
-            console.print(f"report: {path}")
+            console.print(f"report: {path}\nresult file: {file_result(settings, report, 'main-job')}")
     console.print(
         "[bold]done.[/] Reports and plots are in "
         f"{settings.run_dir / 'reports'}. Try `atelier similar 0108775015` for neighbours from pgvector. "

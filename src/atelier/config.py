@@ -27,6 +27,12 @@ def _default_data_dir() -> Path | None:
     return None
 
 
+def _default_results_dir() -> Path | None:
+    """The checkout's ``benchmarks/results`` (the README's tables are generated from it), when there is one."""
+    candidate = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    return candidate if candidate.is_dir() else None
+
+
 class Settings(BaseSettings):
     """Where data, artifacts, the database and the LLM are; every field is an ``ATELIER_`` env var."""
 
@@ -38,6 +44,11 @@ class Settings(BaseSettings):
         description="Folder with hm/, rtr/, myntra/ (default: ../shared/data when present).",
     )
     run_dir: Path = Field(default=Path("runs"), description="Artifacts: ingested data, vocab, models, reports.")
+    results_dir: Path | None = Field(
+        default_factory=_default_results_dir,
+        description="Where `atelier run` files its evaluation as main-job-<date>-<dataset>.json "
+                    "(default: the checkout's benchmarks/results; else <run_dir>/results).",
+    )
     # Read without the prefix too: DATABASE_URL is the name every PostgreSQL tool knows.
     database_url: str = Field(
         default="",
@@ -79,6 +90,10 @@ class Settings(BaseSettings):
         if not data_dir.is_dir():
             raise SettingsError(f"ATELIER_DATA_DIR={data_dir} is not a folder")
         return data_dir
+
+    def result_files_dir(self) -> Path:
+        """The folder of dated result files (``results_dir``, else ``<run_dir>/results``)."""
+        return self.results_dir if self.results_dir is not None else self.run_dir / "results"
 
     def dataset_dir(self, dataset: str) -> Path:
         """Where the ingested Parquet files of one dataset live."""

@@ -22,6 +22,7 @@ from atelier.atomic import atomic_write, write_json, write_text
 from atelier.baselines import VectorKNNRecommender
 from atelier.catalogue import column_items
 from atelier.config import Settings
+from atelier.datasets import load_current
 from atelier.ingest import load_tables
 from atelier.models.item_tower import (
     ItemInputs,
@@ -173,7 +174,9 @@ def index_stage(
     vectors_file = vectors_file or latest_vectors(settings, dataset)
     blob = np.load(vectors_file)
     model_id = f"item_tower:{dataset}:{blob['checkpoint_id']}"
-    items = column_items(load_tables(settings.dataset_dir(dataset))[0], dataset)
+    # the store's rows show today's prices: the catalogue as of the whole log
+    items = column_items(load_current(dataset, settings.dataset_dir(dataset), settings.run_dir / "features").items,
+                         dataset)
     by_id = {item.item_id: item for item in items}
     ids = [str(i) for i in blob["item_ids"]]
     # keep_live: products added through the web service since `atelier encode` keep their vectors

@@ -1,16 +1,22 @@
-"""The evaluation harness: time splits, cohorts, every recommender scored the same way, reports.
+"""The evaluation harness: every recommender fitted on the same window and scored the same way.
 
 Definitions (DESIGN.md section 8):
-- Split: train on interactions before the cut day, test on the cut day and after. H&M default:
-  train 2020-09-16..18, test 09-19..20; RentTheRunway: train before 2017-08-01, test after.
+- Split (``atelier.datasets``): train on interactions before the cut day, test on the cut day and after.
+  H&M default: train 2020-09-16..18, test 09-19..20; RentTheRunway: train before 2017-08-01, test after.
   With a test file (``--test-file``, the dataset's own format), training uses every ingested
-  interaction before the test file's first day.
+  interaction before the test file's first day. Models see the catalogue, log and users *as of the
+  cut* (``datasets.train_data``). The default split's numbers are validation numbers: choices were
+  tuned on them.
 - Test users: every user with at least one test interaction. Their query holds their training
   history (oldest first), their body profile and, for RentTheRunway, the occasion of their
   first test rental as context (the shopper states it when renting).
 - Metrics (``atelier.metrics``): MAP@12 (Kaggle), Recall@12/100, NDCG@12, HitRate@12, coverage@12;
-  cohorts: all users, users with training history, users without; cold items: recall of test
-  (user, item) pairs whose item had no training interaction.
+  cohorts: all users, users with training history, users without, and ``cart``: test users with no
+  history who bought two or more distinct items on their first test day, asked with the first of them
+  as their cart (and nothing else) and scored on the rest (``datasets.cart_queries``; the cart's
+  items are removed from every model's list, as the API does). Cold items: recall of test (user,
+  item) pairs whose item had no training interaction.
+- Candidate sources (``atelier.sources``): what each finds on its own, recall@50/100/200 per cohort.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,86 +34,23 @@ import numpy as np
 import pandas as pd
 
 from atelier.atomic import atomic_write, write_json
-from atelier.ingest import IngestError, load_manifest, load_tables, read_interactions_file
+from atelier.datasets import (
+    POPULARITY_WINDOW_DAYS,
+    EvaluationError,
+    Split,
+    build_queries,
+    cart_queries,
+    file_split,
+    time_split,
+    train_data,
+)
+from atelier.ingest import IngestError, load_manifest, load_tables
 from atelier.metrics import cold_item_recall, coverage, score_users, summarise
 from atelier.recommender import Query, Recommender, RepurchaseFirst, TrainData
+from atelier.sources import CandidateSource, rule_sources
 
-DEFAULT_CUTS = {"hm": "2020-09-19", "rtr": "2017-08-01"}
-POPULARITY_WINDOW_DAYS = {"hm": 3.0, "rtr": 90.0}  # H&M: the design's 3 days; RTR rentals are sparse
 KS = (12, 100)
-PROFILE_FIELDS = ("height_cm", "weight_kg", "age", "body_type")
-
-
-class EvaluationError(ValueError):
-    """The split or the data cannot be evaluated (empty test window, unknown dataset)."""
-
-
-@dataclass
-class Split:
-    """A train/test split of one dataset's interactions."""
-
-    dataset: str
-    train: pd.DataFrame
-    test: pd.DataFrame
-    cut: pd.Timestamp
-    source: str  # "default cut", "cut <day>" or "test file <path>"
-
-    def describe(self) -> dict[str, object]:
-        """Sizes and dates for the report."""
-        return {
-            "dataset": self.dataset, "source": self.source, "cut": str(self.cut.date()),
-            "train_interactions": len(self.train), "test_interactions": len(self.test),
-            "train_days": [str(self.train["ts"].min().date()), str(self.train["ts"].max().date())]
-            if len(self.train) else [],
-            "test_days": [str(self.test["ts"].min().date()), str(self.test["ts"].max().date())],
-            "test_users": int(self.test["user_id"].nunique()),
-        }
-
-
-def time_split(dataset: str, interactions: pd.DataFrame, cut: str | None = None) -> Split:
-    """Train before ``cut`` (a YYYY-MM-DD day; the dataset default when None), test from it on."""
-    if cut is None and dataset not in DEFAULT_CUTS:
-        raise EvaluationError(f"no default cut for {dataset!r}; pass --cut YYYY-MM-DD")
-    day = pd.Timestamp(cut or DEFAULT_CUTS[dataset])
-    train = interactions[interactions["ts"] < day]
-    test = interactions[interactions["ts"] >= day]
-    if test.empty or train.empty:
-        raise EvaluationError(
-            f"cut {day.date()} leaves {len(train)} training and {len(test)} test interactions "
-            f"(data spans {interactions['ts'].min().date()}..{interactions['ts'].max().date()})"
-        )
-    return Split(dataset, train, test, day, "default cut" if cut is None else f"cut {day.date()}")
-
-
-def file_split(dataset: str, interactions: pd.DataFrame, items: pd.DataFrame, test_file: Path) -> Split:
-    """Test on a file in the dataset's own format; train on everything before its first day."""
-    test, rejects = read_interactions_file(dataset, test_file, items)
-    if test.empty:
-        raise EvaluationError(f"{test_file}: no usable test interactions ({len(rejects)} rejected)")
-    day = test["ts"].min().normalize()
-    train = interactions[interactions["ts"] < day]
-    if train.empty:
-        raise EvaluationError(f"{test_file}: no ingested interaction precedes its first day {day.date()}")
-    return Split(dataset, train, test, day, f"test file {test_file} ({len(rejects)} rows rejected)")
-
-
-def build_queries(split: Split, users: pd.DataFrame) -> tuple[list[Query], dict[str, set[str]]]:
-    """One query per test user (history, profile, context) and each user's actual test items."""
-    history = (split.train.sort_values("ts", kind="stable")
-               .drop_duplicates(["user_id", "item_id"], keep="last")
-               .groupby("user_id")["item_id"].agg(tuple))
-    profile_cols = [c for c in PROFILE_FIELDS if c in users.columns]
-    profiles = users.set_index("user_id")[profile_cols].to_dict("index") if profile_cols else {}
-    test = split.test.sort_values("ts", kind="stable")
-    contexts = test.groupby("user_id")["occasion"].first() if "occasion" in test else pd.Series(dtype=str)
-    actual = {str(u): set(map(str, items)) for u, items in test.groupby("user_id")["item_id"]}
-    queries = []
-    for user in actual:
-        prof = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in profiles.get(user, {}).items()}
-        ctx = contexts.get(user)
-        queries.append(Query(user_id=user, history=tuple(map(str, history.get(user, ()))), profile=prof,
-                             context=None if ctx is None or pd.isna(ctx) else str(ctx)))
-    return queries, actual
+SOURCE_KS = (50, 100, 200)  # per-source recall cut-offs
 
 
 def score(
@@ -130,6 +72,41 @@ def score(
         "cold_items": {**cold, "pairs": n_pairs},
         "coverage@12": coverage(predicted, catalogue_size, k=12),
     }
+
+
+def score_cart(predicted: dict[str, list[str]], actual: dict[str, set[str]], cold_items: set[str]) -> dict[str, object]:
+    """The cart cohort's metrics (the other cohorts' keys) plus recall@100 of its cold truth items."""
+    if not actual:
+        return {"users": 0.0}
+    summary: dict[str, object] = dict(summarise(score_users(actual, predicted, ks=KS)))
+    summary["cold_items"] = {"recall@100": cold_item_recall(actual, predicted, cold_items, 100),
+                             "pairs": sum(len(items & cold_items) for items in actual.values())}
+    return summary
+
+
+def without_cart(queries: Sequence[Query], ranked: Sequence[list[str]], k: int) -> dict[str, list[str]]:
+    """Each query's list with its cart's items removed (the API never recommends what is in the cart)."""
+    return {q.user_id: [i for i in r if i not in q.cart][:k] for q, r in zip(queries, ranked, strict=True)}
+
+
+def source_recall(
+    sources: Sequence[CandidateSource], data: TrainData, cohorts: dict[str, tuple[list[Query], dict[str, set[str]]]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Recall@50/100/200 of each candidate source on its own, per cohort (``users`` = users scored)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    k = max(SOURCE_KS)
+    for source in sources:
+        source.fit(data)
+        out[source.name] = {}
+        for cohort, (queries, actual) in cohorts.items():
+            if not queries:
+                continue
+            ranked = [[item for item, _ in c] for c in source.candidates(queries, k + 1)]
+            predicted = without_cart(queries, ranked, k)
+            per_user = score_users({q.user_id: actual[q.user_id] for q in queries}, predicted, ks=SOURCE_KS)
+            out[source.name][cohort] = {c: float(per_user[c].mean()) for c in (f"recall@{k}" for k in SOURCE_KS)}
+            out[source.name][cohort]["users"] = float(len(per_user))
+    return out
 
 
 def git_commit() -> str:
@@ -170,23 +147,28 @@ def evaluate(
     split = (file_split(dataset, interactions, items, test_file) if test_file is not None
              else time_split(dataset, interactions, cut))
     queries, actual = build_queries(split, users)
-    if max_users is not None and len(queries) > max_users:
-        rng = np.random.default_rng(0)
-        keep = sorted(rng.choice(len(queries), size=max_users, replace=False))
-        queries = [queries[i] for i in keep]
-        actual = {q.user_id: actual[q.user_id] for q in queries}
+    carts, cart_actual = cart_queries(split)
+    if max_users is not None:
+        queries, actual = _sample(queries, actual, max_users)
+        carts, cart_actual = _sample(carts, cart_actual, max_users)
     cold_items = set(map(str, split.test["item_id"])) - set(map(str, split.train["item_id"]))
-    data = TrainData(dataset, items, split.train.reset_index(drop=True), users, cache_dir)
+    data = train_data(split, items, users, cache_dir)
     manifest = load_manifest(data_dir) or {}
+    window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
+    with_history = [q for q in queries if q.history]
+    without = [q for q in queries if not q.history]
     report: dict[str, object] = {
         "dataset": dataset,
         "split": {**split.describe(), "scored_users": len(queries),
-                  "users_with_history": sum(bool(q.history) for q in queries),
-                  "cold_test_items": len(cold_items)},
+                  "users_with_history": len(with_history), "cart_users": len(carts),
+                  "cold_test_items": len(cold_items), "validation": test_file is None},
         "data": {"sources": manifest.get("sources", []), "counts": manifest.get("counts", {})},
         "git_commit": git_commit(),
         "machine": machine(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "sources": source_recall(rule_sources(window), data, {
+            "with_history": (with_history, actual), "without_history": (without, actual),
+            "cart": (carts, cart_actual)}),
         "models": {},
     }
     for rec in recommenders:
@@ -199,9 +181,22 @@ def evaluate(
         t2 = time.perf_counter()
         predicted = {q.user_id: r for q, r in zip(queries, ranked, strict=True)}
         result = score(predicted, actual, queries, cold_items, len(items))
-        result.update(fit_seconds=round(t1 - t0, 2), recommend_seconds=round(t2 - t1, 2))
+        cart_ranked = rec.recommend(carts, max(KS) + 1) if carts else []
+        t3 = time.perf_counter()
+        result["cohorts"]["cart"] = score_cart(without_cart(carts, cart_ranked, max(KS)),  # type: ignore[index]
+                                               cart_actual, cold_items)
+        result.update(fit_seconds=round(t1 - t0, 2), recommend_seconds=round(t2 - t1 + t3 - t2, 2))
         report["models"][rec.name] = result  # type: ignore[index]
     return report
+
+
+def _sample(queries: list[Query], actual: dict[str, set[str]], n: int) -> tuple[list[Query], dict[str, set[str]]]:
+    """A seeded sample of ``n`` queries (all of them when there are fewer)."""
+    if len(queries) <= n:
+        return queries, actual
+    keep = sorted(np.random.default_rng(0).choice(len(queries), size=n, replace=False))
+    chosen = [queries[i] for i in keep]
+    return chosen, {q.user_id: actual[q.user_id] for q in chosen}
 
 
 def write_report(report: dict[str, object], out_dir: Path) -> Path:
@@ -239,11 +234,11 @@ def plot_report(report: dict[str, object], out_dir: Path) -> list[Path]:
         fig.savefig(fh, dpi=110, format="png")
     plt.close(fig)
 
-    cohorts = ["all", "with_history", "without_history"]
+    cohorts = ["all", "with_history", "without_history", "cart"]
     fig, (ax, ax_cold) = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 1.8), width_ratios=[2, 1], sharey=True)
     height = 0.8 / len(cohorts)
     for ci, cohort in enumerate(cohorts):
-        values = [models[n]["cohorts"][cohort].get("map@12", 0.0) for n in names]  # type: ignore[index]
+        values = [models[n]["cohorts"].get(cohort, {}).get("map@12", 0.0) for n in names]  # type: ignore[attr-defined]
         ax.barh(np.arange(len(names)) + ci * height, values, height=height, label=cohort)
     ax.set_yticks(np.arange(len(names)) + height, names)
     ax.invert_yaxis()
@@ -272,15 +267,23 @@ def model_suite(settings: Any, dataset: str, names: Sequence[str] | None = None,
 
     window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
     checkpoint = checkpoint_path(settings, dataset)
+    content: tuple[Path, Path] | None = None
     if checkpoint.is_file():
         encoded = settings.run_dir / "vectors" / dataset / f"{file_id(checkpoint)}.npz"
+        if (settings.run_dir / "index" / f"{dataset}.json").is_file():  # served: its vectors are indexed
+            content = (checkpoint, encoded)
         suite.append(ItemTowerRecommender(checkpoint, window_days=window, vectors_file=encoded))
     if user_checkpoint_path(settings, dataset).is_file():
         # The harness refits on its own training window; `atelier train user` left the fit in the cache.
         suite += two_tower_suite(settings, dataset, ablations=ablations)
     from atelier.rerank import rerank_suite
+    from atelier.serve.harness import ServedChain
+    from atelier.two_tower import TwoTowerRecommender
 
     suite += rerank_suite(settings, dataset)  # only once `atelier train ranker` has saved one
+    two_tower = next((r for r in suite if isinstance(r, TwoTowerRecommender)), None)
+    rerank = next((r for r in suite if r.name.startswith("rerank")), None)
+    suite.append(ServedChain(window, content=content, two_tower=two_tower, rerank=rerank))
     return _select(suite, names)
 
 
@@ -296,6 +299,9 @@ def _select(suite: list[Recommender], names: Sequence[str] | None) -> list[Recom
         # A shared wrapper whose base is not in the run must fit its base itself.
         if isinstance(rec, RepurchaseFirst) and rec.base not in chosen:
             rec.shared = False
+        if rec.name == "atelier" and any(part is not None and part not in chosen
+                                         for part in (getattr(rec, "two_tower", None), getattr(rec, "rerank", None))):
+            rec.shared = False  # type: ignore[attr-defined]
     return chosen
 
 
@@ -308,16 +314,22 @@ def baseline_suite(dataset: str, names: Sequence[str] | None = None) -> list[Rec
         SegmentPopularityRecommender,
         TextKNNRecommender,
     )
+    from atelier.sources import RulesRecommender
 
     window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
+    # The strongest simple baseline: H&M shoppers re-buy, so own items, colourways, co-purchases, popularity;
+    # RentTheRunway renters rarely rent an item twice, so there the rule is popularity within the occasion.
+    rules: Recommender = (SegmentPopularityRecommender("context", window, name="rules") if dataset == "rtr"
+                          else RulesRecommender(window))
     suite: list[Recommender] = [
         RandomRecommender(),
         PopularityRecommender(window),
         RepurchaseRecommender(window),
+        rules,
         TextKNNRecommender(window),
     ]
     if dataset == "rtr":
-        suite += [SegmentPopularityRecommender("profile", window), SegmentPopularityRecommender("context", window)]
+        suite.append(SegmentPopularityRecommender("profile", window))
     try:
         from atelier.lightfm_peer import LightFMRecommender
     except ImportError:  # lightfm is optional: it needs a compiler to install
@@ -328,5 +340,4 @@ def baseline_suite(dataset: str, names: Sequence[str] | None = None) -> list[Rec
     return _select(suite, names)
 
 
-__all__ = ["DEFAULT_CUTS", "EvaluationError", "IngestError", "Split", "baseline_suite", "build_queries",
-           "evaluate", "file_split", "time_split", "write_report"]
+__all__ = ["EvaluationError", "IngestError", "Split", "baseline_suite", "evaluate", "model_suite", "write_report"]

@@ -2,8 +2,11 @@
 
 Every dataset becomes the same four tables under ``<run_dir>/data/<name>/``:
 
-- ``items.parquet``: ``item_id, title, description, group_id, price`` + the source's own columns
-- ``interactions.parquet``: ``user_id, item_id, ts`` (+ dataset extras: price, rating, fit, occasion)
+- ``items.parquet``: ``item_id, title, description, group_id, price`` + the source's own columns; ``price``
+  is the catalogue's own (empty for H&M, whose prices live on the transactions: ``datasets.catalogue_as_of``
+  derives them from a training window, so no price comes from days a model must not see)
+- ``interactions.parquet``: ``user_id, item_id, ts`` (+ dataset extras: price, rating, fit, occasion, and the
+  renter's stated profile on RentTheRunway)
 - ``users.parquet``: ``user_id`` + profile fields that exist (``height_cm, weight_kg, age, body_type``)
 - ``rejects.parquet``: ``source, line, reason, raw``: every row that could not be read, with why
 
@@ -36,7 +39,10 @@ import pyarrow.csv as pacsv
 
 from atelier.schema import read_toml
 
-INGEST_FORMAT = 1  # bump when the output tables change shape: cached ingests are then redone
+INGEST_FORMAT = 2  # bump when the output tables change shape: cached ingests are then redone
+# Body-profile columns a log's rows may carry (each rental states them): ``datasets.users_as_of`` derives
+# the profile known at a cut from them.
+PROFILE_COLUMNS = ("height_cm", "weight_kg", "age", "body_type", "bust_size_num", "bust_size_letter")
 DATASETS = ("hm", "rtr", "myntra")
 
 # Plausible adult profile ranges; values outside become missing (and are counted), not rejects:
@@ -208,8 +214,8 @@ def read_hm(folder: Path) -> Tables:
     items.insert(1, "title", items["prod_name"].fillna(""))
     items.insert(2, "description", items["detail_desc"].fillna(""))
     items.insert(3, "group_id", items["product_code"])
-    median_price = tx.groupby("item_id")["price"].median()
-    items.insert(4, "price", items["item_id"].map(median_price).astype("float64"))
+    # The catalogue has no price column; prices live on the transactions (see datasets.catalogue_as_of).
+    items.insert(4, "price", np.nan)
     interactions = tx
     users = (interactions.groupby("user_id", sort=True).size().rename("n_interactions")
              .reset_index())
@@ -264,7 +270,8 @@ def _rtr_rentals(path: Path, rejects: list[dict[str, object]], notes: dict[str, 
 
 
 def _rtr_interactions(raw: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({
+    """One row per rental with the profile the renter stated on it (``PROFILE_COLUMNS``)."""
+    frame = pd.DataFrame({
         "user_id": raw["user_id"].str.strip().astype("string"),
         "item_id": raw["item_id"].str.strip().astype("string"),
         "ts": raw["ts"],
@@ -273,7 +280,16 @@ def _rtr_interactions(raw: pd.DataFrame) -> pd.DataFrame:
         "occasion": raw["rented_for"].astype("string"),
         "size": raw["size"].astype("float64"),
         "category": raw["category"].astype("string"),
-    }).reset_index(drop=True)
+        "height_cm": raw["height_cm"].astype("float64"),
+        "weight_kg": raw["weight_kg"].astype("float64"),
+        "age": raw["age"].astype("float64"),
+        "body_type": raw["body_type"].astype("string"),
+    })
+    if "bust_size_num" in raw.columns:
+        frame["bust_size_num"] = pd.to_numeric(raw["bust_size_num"], errors="coerce")
+    if "bust_size_letter" in raw.columns:
+        frame["bust_size_letter"] = raw["bust_size_letter"].astype("string")
+    return frame.reset_index(drop=True)
 
 
 def read_rtr(folder: Path) -> Tables:
@@ -283,14 +299,11 @@ def read_rtr(folder: Path) -> Tables:
     notes: dict[str, int] = {}
     raw = _rtr_rentals(path, rejects, notes)
     interactions = _rtr_interactions(raw)
-    # Profile = the latest known value of each field (people's weight changes between rentals).
-    profile_cols = ["height_cm", "weight_kg", "age", "body_type", "bust_size_num", "bust_size_letter"]
-    present = [c for c in profile_cols if c in raw.columns]
-    prof = raw.assign(user_id=interactions["user_id"].to_numpy())[["user_id", *present]]
-    users = prof.groupby("user_id", sort=True).last().reset_index()
+    # Profile = the latest known value of each field over the whole log (people's weight changes between
+    # rentals): what a server knows today. Models see the profile as of their cut (datasets.users_as_of).
+    present = [c for c in PROFILE_COLUMNS if c in interactions.columns]
+    users = interactions.groupby("user_id", sort=True)[present].last().reset_index()
     users["n_interactions"] = users["user_id"].map(interactions["user_id"].value_counts()).astype("int64")
-    if "bust_size_num" in users:
-        users["bust_size_num"] = pd.to_numeric(users["bust_size_num"], errors="coerce")
     # RTR items have no catalogue: only the category their renters gave (the most common one).
     cat = interactions.groupby("item_id")["category"].agg(lambda s: s.mode().iat[0] if s.notna().any() else "")
     items = pd.DataFrame({"item_id": cat.index.astype("string"), "title": cat.to_numpy(), "description": "",

@@ -98,7 +98,7 @@ class LightFMRecommender(Recommender):
         item_alpha: float = 1e-6,
         feature_columns: Sequence[str] | None = None,
         window_days: float | None = None,
-        num_threads: int = 2,
+        num_threads: int = 1,  # LightFM's threads update shared weights without locks: 2 differ run to run
         seed: int = 0,
         batch_users: int = 512,
     ) -> None:

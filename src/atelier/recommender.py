@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,12 @@ class Query:
     history: tuple[str, ...] = ()  # training-window item ids, oldest first, repeats removed
     profile: Mapping[str, float | str | None] = field(default_factory=dict)  # height_cm, weight_kg, age, body_type
     context: str | None = None  # free text: an occasion ("wedding") or a cart's concept
+    cart: tuple[str, ...] = ()  # items in the shopper's cart now (the API's ``cart``), oldest first
+
+    @property
+    def seeds(self) -> tuple[str, ...]:
+        """History then cart, repeats removed (oldest first): every item the shopper has shown interest in."""
+        return tuple(dict.fromkeys((*self.history, *self.cart)))
 
 
 @dataclass
@@ -35,6 +41,8 @@ class TrainData:
     interactions: pd.DataFrame  # training window: user_id, item_id, ts (+ extras)
     users: pd.DataFrame  # user_id + profile columns
     cache_dir: Path  # where expensive features may be cached between runs
+    # Derived indices that several recommenders share (e.g. the window's co-purchase counts), built once.
+    memo: dict[object, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 class Recommender(ABC):

@@ -26,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from atelier.catalogue import column_items
-from atelier.evaluate import POPULARITY_WINDOW_DAYS, build_queries, time_split
+from atelier.datasets import POPULARITY_WINDOW_DAYS, build_queries, current_data, time_split, train_data
 from atelier.models.ranker import (
     DENSE,
     ITEM_FIELDS,
@@ -93,13 +93,13 @@ def _pad(ids: Sequence[int], width: int) -> np.ndarray:
 
 @dataclass
 class Catalogue:
-    """Per-item sparse ids and price for the whole catalogue, in ``items`` row order."""
+    """Per-item sparse ids and the catalogue's own price for the whole catalogue, in ``items`` row order."""
 
     item_ids: np.ndarray  # (n,) object
     fields: np.ndarray  # (n, len(ITEM_FIELDS)) STD id of each item field's first value, 0 if absent
     std: np.ndarray  # (n, item_std_len) the item's other STD ids
     re: np.ndarray  # (n, re_len) RE ids (enriched RE values + hashed raw columns)
-    price: np.ndarray  # (n,) standardised log price, 0 when unknown
+    own_price: np.ndarray  # (n,) the catalogue's own price, NaN when it has none (H&M: prices come from sales)
     labels: list[dict[str, str]]  # field -> value of each item (for explanations)
     index: dict[str, int] = field(default_factory=dict)
 
@@ -142,29 +142,31 @@ class Catalogue:
                         if v and v != "nan"]
             re_ids[row] = _pad(re_list, cfg.re_len)
             labels.append(label)
-        prices = (pd.to_numeric(items["price"], errors="coerce").to_numpy(float) if "price" in items
+        # Only the catalogue's own price: a price derived from sales belongs to a log (LogStats), or the
+        # rows of a label day would see prices of the day's own sales.
+        own = "catalogue_price" if "catalogue_price" in items else "price"
+        prices = (pd.to_numeric(items[own], errors="coerce").to_numpy(float) if own in items
                   else np.full(n, np.nan))
-        logp = np.log(np.where(prices > 0, prices, np.nan))
-        mu, sd = (np.nanmean(logp), np.nanstd(logp) + 1e-6) if np.isfinite(logp).any() else (0.0, 1.0)
-        price = np.nan_to_num((logp - mu) / sd, nan=0.0).astype(np.float32)
-        return cls(items["item_id"].astype(str).to_numpy(dtype=object), fields, std, re_ids, price, labels)
+        return cls(items["item_id"].astype(str).to_numpy(dtype=object), fields, std, re_ids, prices, labels)
 
 
 @dataclass
 class LogStats:
-    """Item popularity and recency as of the end of an interaction log (what a server would know)."""
+    """Item popularity, recency and price as of the end of an interaction log (what a server would know)."""
 
     pop: np.ndarray  # (n,) log1p(count in the window) / log1p(max count)
     recency: np.ndarray  # (n,) exp(-days since the item's last interaction / window), 0 if never
     pop_recent: np.ndarray  # (n,) as ``pop`` over the last third of the window: the trend
+    price: np.ndarray  # (n,) standardised log price (the catalogue's, else the log's median), 0 when unknown
 
     @classmethod
     def build(cls, log: pd.DataFrame, cat: Catalogue, window_days: float) -> LogStats:
-        """Counts over the last ``window_days`` of ``log``; recency over all of it."""
+        """Counts over the last ``window_days`` of ``log``; recency over all of it; prices as of its end."""
         n = len(cat.item_ids)
         pop, rec = np.zeros(n, np.float32), np.zeros(n, np.float32)
+        price = _standardised_log_price(cat, log)
         if log.empty:
-            return cls(pop, rec, pop.copy())
+            return cls(pop, rec, pop.copy(), price)
         end = log["ts"].max()
         idx = log["item_id"].astype(str).map(cat.index)
         ok = idx.notna().to_numpy()
@@ -178,7 +180,19 @@ class LogStats:
         last = pd.Series(ts.to_numpy()).groupby(rows).max()
         days = ((end - last).dt.total_seconds() / 86400).to_numpy()
         rec[last.index.to_numpy()] = np.exp(-days / window_days)
-        return cls(scaled_counts(window_days), rec, scaled_counts(window_days / 3))
+        return cls(scaled_counts(window_days), rec, scaled_counts(window_days / 3), price)
+
+
+def _standardised_log_price(cat: Catalogue, log: pd.DataFrame) -> np.ndarray:
+    """The catalogue's own price, else the median price ``log`` sold the item at; z-scored log, 0 if unknown."""
+    prices = cat.own_price.copy()
+    if "price" in log.columns and not log.empty:
+        median = log.groupby(log["item_id"].astype(str))["price"].median()
+        sold = pd.Series(cat.item_ids).map(median).to_numpy(float)
+        prices = np.where(np.isnan(prices), sold, prices)
+    logp = np.log(np.where(prices > 0, prices, np.nan))
+    mu, sd = (np.nanmean(logp), np.nanstd(logp) + 1e-6) if np.isfinite(logp).any() else (0.0, 1.0)
+    return np.nan_to_num((logp - mu) / sd, nan=0.0).astype(np.float32)
 
 
 @dataclass
@@ -215,8 +229,8 @@ class Featuriser:
         self.item_all_std = np.concatenate([cat.fields, cat.std], axis=1)  # (n, n_fields + item_std_len)
 
     def user_part(self, q: Query) -> dict[str, np.ndarray]:
-        """History STD/RE ids (most recent items first), profile buckets and numbers of one query."""
-        idx = [self.cat.index[i] for i in reversed(q.history) if i in self.cat.index]
+        """History and cart STD/RE ids (most recent items first), profile buckets and numbers of one query."""
+        idx = [self.cat.index[i] for i in reversed(q.seeds) if i in self.cat.index]
         hist_std = self.item_all_std[idx].ravel() if idx else np.zeros(0, np.int64)
         hist_re = self.cat.re[idx].ravel() if idx else np.zeros(0, np.int64)
         p, size = q.profile, self.cfg.bucket_size
@@ -226,7 +240,7 @@ class Featuriser:
             "age_b": _bucket(p.get("age"), 16, 2, size),
             "body_type": _hash_bucket(body if isinstance(body := p.get("body_type"), str) else None, size),
             "context": _hash_bucket(q.context, size),
-            "hist_len_b": 1 + min(int(math.log2(1 + len(q.history))), size - 2),
+            "hist_len_b": 1 + min(int(math.log2(1 + len(q.seeds))), size - 2),
         }
         return {
             "hist_std": _pad(hist_std[hist_std != 0], self.cfg.hist_len),
@@ -253,7 +267,7 @@ class Featuriser:
         history = set(q.history)
         dense = {"retrieval_score": scores, "in_history": np.array([i in history for i in items], np.float32),
                  "item_pop": stats.pop[idx], "item_pop_recent": stats.pop_recent[idx],
-                 "item_recency": stats.recency[idx], "price": self.cat.price[idx]}
+                 "item_recency": stats.recency[idx], "price": stats.price[idx]}
         for name, value in dense.items():
             if name in self.layout:
                 x[:, self.layout[name][0]] = value
@@ -332,7 +346,7 @@ def training_rows(
     rng = np.random.default_rng(tcfg.seed)
     if len(queries) > tcfg.max_users:
         queries = [queries[i] for i in sorted(rng.choice(len(queries), tcfg.max_users, replace=False))]
-    history = TrainData(data.dataset, data.items, split.train.reset_index(drop=True), data.users, data.cache_dir)
+    history = train_data(split, data.items, data.users, data.cache_dir)  # everything as of the label cut
     retriever.fit(history)
     candidates = retriever.recommend(queries, tcfg.candidates)
     stats = LogStats.build(split.train, feat.cat, window_days)
@@ -680,8 +694,7 @@ def train_ranker_stage(
     from atelier.two_tower import item_tower_for
 
     items, interactions, users = load_tables(settings.dataset_dir(dataset))
-    split = time_split(dataset, interactions)
-    data = TrainData(dataset, items, split.train.reset_index(drop=True), users, Path(settings.run_dir) / "features")
+    data = train_data(time_split(dataset, interactions), items, users, Path(settings.run_dir) / "features")
     rec = RerankRecommender(make_retriever(settings, dataset, retriever), item_tower_for(settings, dataset),
                             cfg=cfg, train=tcfg, enriched=enriched_path(settings, dataset), progress=progress).fit(data)
     path = ranker_path(settings, dataset)
@@ -706,7 +719,7 @@ def load_scorer(settings: Any, dataset: str, data: TrainData | None = None) -> t
         raise CheckpointError(f"{path}: trained with another item tower's vocabulary; run `atelier train ranker "
                               f"-d {dataset}` again")
     if data is None:
-        data = TrainData(dataset, *load_tables(settings.dataset_dir(dataset)), Path(settings.run_dir) / "features")
+        data = current_data(dataset, *load_tables(settings.dataset_dir(dataset)), Path(settings.run_dir) / "features")
     cat = Catalogue.build(data.items, dataset, vocab, cfg, enriched_path(settings, dataset))
     feat = Featuriser(cfg, cat, ProfileStats.build(data.users), model.feature_index)
     stats = LogStats.build(data.interactions, cat, POPULARITY_WINDOW_DAYS.get(dataset, 7.0))

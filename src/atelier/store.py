@@ -630,6 +630,19 @@ class VectorStore:
             model = _get_model(conn, model_id)
             return _get_vector(conn, model, item_id)
 
+    def vectors_of(self, model_id: str, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Vectors of many items under a model in one query (``get_vector`` would cost a round trip each);
+        unknown ids are absent from the result."""
+        if not item_ids:
+            return {}
+        table = self.model(model_id).table_name
+        with self.connection() as conn:
+            rows = conn.execute(
+                sql.SQL("SELECT item_id, embedding FROM {} WHERE item_id = ANY(%s)").format(sql.Identifier(table)),
+                (list(item_ids),),
+            ).fetchall()
+        return {str(r[0]): np.asarray(r[1].to_numpy(), dtype=np.float32) for r in rows}
+
     def upsert_item(self, item: ItemJSON, model_id: str, vector: Any, also: Mapping[str, Any] | None = None) -> None:
         """Add or update one item and its vector (and its vectors of the models in ``also``, model id ->
         vector) in one transaction; searchable as soon as this returns."""

@@ -301,13 +301,13 @@ def user_inputs_for(
     queries: Sequence[Query], item_index: dict[str, int], item_vectors: np.ndarray, context_vectors_fn: EncodeFn,
     stats: ProfileStats, body_vocab: dict[str, int], max_history: int, drop: frozenset[str] | set[str] = frozenset(),
 ) -> UserInputs:
-    """Tower inputs for harness queries: the last ``max_history`` known history items (most recent first),
+    """Tower inputs for harness queries: the last ``max_history`` known history and cart items (most recent first),
     the context text encoded by ``context_vectors_fn`` (e.g. cached ``encode_texts``), the profile fields
     named by ``stats`` (missing -> NaN) and the body type (unknown -> 0)."""
     n = len(queries)
     rows = np.full((n, max_history), -1, dtype=np.int64)
     for qi, q in enumerate(queries):
-        known = [item_index[i] for i in q.history if i in item_index][-max_history:][::-1]
+        known = [item_index[i] for i in q.seeds if i in item_index][-max_history:][::-1]  # history, then cart
         rows[qi, : len(known)] = known
     mask = rows >= 0
     history = np.asarray(item_vectors, dtype=np.float32)[np.clip(rows, 0, None)] * mask[..., None]

@@ -22,7 +22,7 @@ import numpy as np
 
 from atelier.atomic import atomic_write
 from atelier.config import Settings
-from atelier.evaluate import POPULARITY_WINDOW_DAYS
+from atelier.datasets import POPULARITY_WINDOW_DAYS, load_current, time_split, train_data
 from atelier.models.user_tower import UserTowerConfig, save_user_checkpoint
 from atelier.recommender import Query, Recommender, TrainData
 from atelier.store import SearchFilters, VectorStore
@@ -149,12 +149,10 @@ def train_user_stage(settings: Settings, dataset: str, cfg: TrainUserConfig,
                      progress: ProgressFn | None = None) -> tuple[Path, dict[str, Any]]:
     """``atelier train user``: fit the tower on the dataset's evaluation training window and save it as
     the dataset's user tower (so the harness's numbers describe the checkpoint that is served)."""
-    from atelier.evaluate import time_split
     from atelier.ingest import load_tables
 
     items, interactions, users = load_tables(settings.dataset_dir(dataset))
-    split = time_split(dataset, interactions)
-    data = TrainData(dataset, items, split.train.reset_index(drop=True), users, settings.run_dir / "features")
+    data = train_data(time_split(dataset, interactions), items, users, settings.run_dir / "features")
     rec = TwoTowerRecommender(item_tower_for(settings, dataset), cfg=cfg,
                               window_days=bias_window(dataset), progress=progress).fit(data)
     assert rec.checkpoint is not None and rec.retriever is not None
@@ -175,10 +173,8 @@ def two_tower_pointer(settings: Settings, dataset: str) -> Path:
 def serving_retriever(settings: Settings, dataset: str, data: TrainData | None = None) -> UserTowerRecommender:
     """The saved user tower of a dataset with retrieval keys from the whole log (today's popularity);
     ``data`` is the dataset's whole log when the caller has it loaded already."""
-    from atelier.ingest import load_tables
-
     if data is None:
-        data = TrainData(dataset, *load_tables(settings.dataset_dir(dataset)), settings.run_dir / "features")
+        data = load_current(dataset, settings.dataset_dir(dataset), settings.run_dir / "features")
     ids = data.items["item_id"].astype(str).tolist()
     vectors = TwoTowerRecommender(item_tower_for(settings, dataset)).item_vectors(data)
     return UserTowerRecommender.from_checkpoint(user_checkpoint_path(settings, dataset), ids, vectors,
@@ -192,7 +188,6 @@ def index_user_stage(settings: Settings, dataset: str, progress: Callable[[str, 
     is already indexed is left as it is (the popularity column is then as of that indexing)."""
     from atelier.catalogue import column_items
     from atelier.content import file_id, write_pointer
-    from atelier.ingest import load_tables
     from atelier.store import index_vectors
 
     model_id = f"two_tower:{dataset}:{file_id(user_checkpoint_path(settings, dataset))}"
@@ -201,7 +196,7 @@ def index_user_stage(settings: Settings, dataset: str, progress: Callable[[str, 
         previous: dict[str, Any] = json.loads(pointer.read_text())
         if previous.get("model_id") == model_id and previous.get("ok"):
             return {**previous, "reused": True}
-    data = TrainData(dataset, *load_tables(settings.dataset_dir(dataset)), settings.run_dir / "features")
+    data = load_current(dataset, settings.dataset_dir(dataset), settings.run_dir / "features")
     retriever = serving_retriever(settings, dataset, data)
     assert retriever.keys is not None
     ids = [str(i) for i in retriever.item_ids]

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from psycopg import sql
 
 from atelier.serve.schemas import Item
@@ -39,19 +38,6 @@ def fetch_items(store: VectorStore, item_ids: Sequence[str]) -> dict[str, dict[s
     with store.connection() as conn:
         rows = conn.execute("SELECT item_id, item FROM items WHERE item_id = ANY(%s)", (list(item_ids),)).fetchall()
     return {str(r[0]): dict(r[1]) if r[1] is not None else {} for r in rows}
-
-
-def vectors_of(store: VectorStore, model_id: str, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
-    """Vectors of many items under a model in one query (``get_vector`` would cost a round trip each)."""
-    if not item_ids:
-        return {}
-    table = store.model(model_id).table_name
-    with store.connection() as conn:
-        rows = conn.execute(
-            sql.SQL("SELECT item_id, embedding FROM {} WHERE item_id = ANY(%s)").format(sql.Identifier(table)),
-            (list(item_ids),),
-        ).fetchall()
-    return {str(r[0]): np.asarray(r[1].to_numpy(), dtype=np.float32) for r in rows}
 
 
 def _escape_like(text: str) -> str:

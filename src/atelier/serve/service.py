@@ -21,15 +21,13 @@ import numpy as np
 import pandas as pd
 import psycopg
 
-from atelier.baselines import SegmentPopularityRecommender, profile_keys
-from atelier.catalogue import column_items
+from atelier.baselines import profile_keys
 from atelier.config import Settings
-from atelier.evaluate import POPULARITY_WINDOW_DAYS  # the served fallback is the evaluated baseline
-from atelier.recommender import TrainData, fill, popular_items
+from atelier.datasets import POPULARITY_WINDOW_DAYS, current_data  # the served fallback is the evaluated one
 from atelier.schema import ItemJSON, load_schema
 from atelier.schema.item import normalise_item
 from atelier.serve.catalogue import fetch_items, search_items, to_item
-from atelier.serve.explain import attribute_sets, context_attributes, explain
+from atelier.serve.explain import attribute_sets, explain
 from atelier.serve.products import Enricher, ItemEncoder, make_enricher
 from atelier.serve.schemas import (
     IngestResponse,
@@ -46,14 +44,14 @@ from atelier.serve.schemas import (
     StageReport,
 )
 from atelier.serve.stages import (
-    PopularEntry,
     PopularLists,
     Stage,
     StageContext,
-    StageRequest,
     TwoTowerStage,
     build_chain,
+    popular_lists,
     run_chain,
+    stage_request,
 )
 from atelier.store import SearchFilters, StoreError, VectorStore, open_store
 
@@ -97,24 +95,9 @@ def load_catalogue(settings: Settings, dataset: str) -> Catalogue:
     folder = settings.dataset_dir(dataset)
     if not (folder / "items.parquet").is_file():
         return Catalogue(dataset)
-    items, inter, users = load_tables(folder)
-    window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
-    overall = popular_items(inter, window)
-    if len(overall) < 200:  # a quiet window: pad from the whole log, as the popularity baseline does
-        overall = fill(overall, popular_items(inter), 10_000)
-    overall = overall[:POPULAR_CACHE]
-    lists = PopularLists(window, overall)
-    data = TrainData(dataset, items, inter, users, settings.run_dir / "features")
-    if "occasion" in inter.columns:
-        seg = SegmentPopularityRecommender("context", window).fit(data)
-        lists.occasions = {key[1]: ranked[:SEGMENT_CACHE] for key, ranked in seg.segments.items()}
-    if any(c in users.columns for c in ("body_type", "height_cm", "weight_kg")):
-        seg = SegmentPopularityRecommender("profile", window).fit(data)
-        lists.profiles = {key: ranked[:SEGMENT_CACHE] for key, ranked in seg.segments.items()}
-    wanted = set(overall).union(*lists.occasions.values(), *lists.profiles.values())
-    subset = items[items["item_id"].astype(str).isin(wanted)]
-    docs = {item.item_id: item for item in column_items(subset, dataset)}
-    lists.entries = {i: PopularEntry.of(doc) for i, doc in docs.items()}
+    data = current_data(dataset, *load_tables(folder), settings.run_dir / "features")  # prices as of today
+    lists, docs = popular_lists(data, POPULARITY_WINDOW_DAYS.get(dataset, 7.0), POPULAR_CACHE, SEGMENT_CACHE)
+    items, inter = data.items, data.interactions
     return Catalogue(dataset, user_histories(inter), lists, {i: d.model_dump(mode="json") for i, d in docs.items()},
                      len(items))
 
@@ -399,18 +382,14 @@ class RecommendService:
         recent_set = set(recent)
         history = [i for i in known if i not in recent_set] + recent
         cart = list(dict.fromkeys(req.cart))
-        ctx_attrs = context_attributes(req.context) if req.context else {}
         f = req.filters
         filters = SearchFilters(
             categories=tuple(f.categories), genders=tuple(f.genders), min_price=f.min_price, max_price=f.max_price,
             in_stock_only=f.in_stock_only,
         ) if f else SearchFilters()
         profile = req.profile.model_dump(exclude_none=True) if req.profile else {}
-        request = StageRequest(
-            k=req.k, history=tuple(history), cart=tuple(cart), profile=profile, context=req.context,
-            context_attributes=ctx_attrs, filters=filters,
-            exclude=frozenset(history + cart) if req.exclude_seen else frozenset(),
-        )
+        request = stage_request(req.k, history, cart, profile, req.context, filters, req.exclude_seen)
+        ctx_attrs = dict(request.context_attributes)
         store = self.store()
         degraded = store is None
         result = run_chain(self.stages, request)

@@ -15,15 +15,15 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import psycopg
 
+from atelier.recommender import TrainData
 from atelier.schema import ItemJSON
-from atelier.serve.catalogue import vectors_of
 from atelier.serve.products import ItemEncoder
-from atelier.store import SearchFilters, StoreError, VectorStore
+from atelier.store import SearchFilters, StoreError
 from atelier.train_user import UserTowerRecommender
 
 if TYPE_CHECKING:
@@ -60,6 +60,35 @@ class Scored:
     score: float | None
     stage: str
     reason: str
+
+
+class VectorSearch(Protocol):
+    """What the retrieval stages ask of the store (``VectorStore``; in the harness an ``ExactIndex``)."""
+
+    def search(self, model_id: str, query_vector: Any, k: int = 100, *, filters: Any = None,
+               exclude_ids: Sequence[str] = (), dedupe_groups: bool = False) -> list[tuple[str, float]]:
+        """Top-k ``(item_id, inner product)``, best first."""
+        ...
+
+    def vectors_of(self, model_id: str, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Vectors of the known ids."""
+        ...
+
+
+def stage_request(
+    k: int, history: Sequence[str] = (), cart: Sequence[str] = (), profile: Mapping[str, Any] | None = None,
+    context: str | None = None, filters: SearchFilters | None = None, exclude_seen: bool = True,
+) -> StageRequest:
+    """The chain's request for a shopper: history (oldest first), cart, profile, context and filters; the
+    context's named STD values looked up; history and cart excluded unless ``exclude_seen`` is off."""
+    from atelier.serve.explain import context_attributes
+
+    history, cart = list(dict.fromkeys(history)), list(dict.fromkeys(cart))
+    return StageRequest(
+        k=k, history=tuple(history), cart=tuple(cart), profile=dict(profile or {}), context=context,
+        context_attributes=context_attributes(context) if context else {}, filters=filters or SearchFilters(),
+        exclude=frozenset(history + cart) if exclude_seen else frozenset(),
+    )
 
 
 class StageSkip(Exception):
@@ -148,7 +177,7 @@ class ContentStage:
     name = "content"
 
     def __init__(
-        self, store: Callable[[], VectorStore | None], model_id: str | None, encoder: ItemEncoder | None,
+        self, store: Callable[[], VectorSearch | None], model_id: str | None, encoder: ItemEncoder | None,
         *, history_limit: int = 20, cart_weight: float = 2.0, context_weight: float = 1.0,
     ) -> None:
         self.store = store
@@ -186,7 +215,7 @@ class ContentStage:
         assert store is not None and self.model_id is not None, "available() was not checked"
         history = list(request.history[-self.history_limit :])
         seeds = list(dict.fromkeys([*history, *request.cart]))
-        vectors = vectors_of(store, self.model_id, seeds) if seeds else {}
+        vectors = store.vectors_of(self.model_id, seeds) if seeds else {}
         parts: list[np.ndarray] = []
         weights: list[float] = []
         for item_id, vec in vectors.items():
@@ -261,6 +290,28 @@ class PopularLists:
     built_at: float = field(default_factory=time.time)
 
 
+def popular_lists(data: TrainData, window_days: float, top: int = 500,
+                  segment_top: int = 300) -> tuple[PopularLists, dict[str, ItemJSON]]:
+    """The popularity stage's lists from a log (overall, per occasion, per body segment: the evaluated
+    baselines' counts) and the item JSON of every listed item (its filter fields; degraded answers)."""
+    from atelier.baselines import PopularityRecommender, SegmentPopularityRecommender
+    from atelier.catalogue import column_items
+
+    overall = PopularityRecommender(window_days).fit(data).popular[:top]
+    lists = PopularLists(window_days, overall)
+    if "occasion" in data.interactions.columns:
+        seg = SegmentPopularityRecommender("context", window_days).fit(data)
+        lists.occasions = {key[1]: ranked[:segment_top] for key, ranked in seg.segments.items()}
+    if any(c in data.users.columns for c in ("body_type", "height_cm", "weight_kg")):
+        seg = SegmentPopularityRecommender("profile", window_days).fit(data)
+        lists.profiles = {key: ranked[:segment_top] for key, ranked in seg.segments.items()}
+    wanted = set(overall).union(*lists.occasions.values(), *lists.profiles.values())
+    subset = data.items[data.items["item_id"].astype(str).isin(wanted)]
+    docs = {item.item_id: item for item in column_items(subset, data.dataset)}
+    lists.entries = {i: PopularEntry.of(doc) for i, doc in docs.items()}
+    return lists, docs
+
+
 class PopularityStage:
     """The most bought items of the recent window, within the shopper's occasion or body segment
     when the data has them (RentTheRunway), overall otherwise. Always available: it needs no store."""
@@ -320,7 +371,7 @@ class StageContext:
 
     settings: object  # atelier.config.Settings (kept loose so stages need not import serve)
     dataset: str
-    store: Callable[[], VectorStore | None]
+    store: Callable[[], VectorSearch | None]
     model_id: str | None
     encoder: ItemEncoder | None
     popular: PopularLists
@@ -335,7 +386,8 @@ class TwoTowerStage:
 
     name = "two_tower"
 
-    def __init__(self, store: Callable[[], VectorStore | None], model_id: str, retriever: UserTowerRecommender) -> None:
+    def __init__(self, store: Callable[[], VectorSearch | None], model_id: str,
+                 retriever: UserTowerRecommender) -> None:
         self.store = store
         self.model_id = model_id
         self.retriever = retriever
@@ -383,10 +435,12 @@ class RerankStage:
 
     name = "rerank"
 
-    def __init__(self, scorer: Scorer, retrievers: Sequence[Stage], candidates: int = 100) -> None:
+    def __init__(self, scorer: Scorer, retrievers: Sequence[Stage], candidates: int = 100,
+                 explain: bool = True) -> None:
         self.scorer = scorer
         self.retrievers = list(retrievers)
         self.candidates = candidates
+        self.explain = explain  # off in the harness, which reads only the order
 
     def available(self) -> str | None:
         """Available while one of its retrievers is."""
@@ -414,7 +468,8 @@ class RerankStage:
                       profile=dict(request.profile), context=request.context)
         order = self.scorer.reorder(query, [s.item_id for s in got])[: request.k]
         scored = {i: p for i, p in order if p is not None}
-        why = {e["item_id"]: e for e in self.scorer.explain(query, list(scored), scores=scored)}
+        why = ({e["item_id"]: e for e in self.scorer.explain(query, list(scored), scores=scored)}
+               if self.explain else {})
         source = {s.item_id: s for s in got}
         out = []
         for item_id, p in order:
