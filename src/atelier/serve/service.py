@@ -26,7 +26,7 @@ from atelier.config import Settings
 from atelier.datasets import POPULARITY_WINDOW_DAYS, current_data  # the served fallback is the evaluated one
 from atelier.schema import ItemJSON, load_schema
 from atelier.schema.item import normalise_item
-from atelier.serve.catalogue import fetch_items, search_items, to_item
+from atelier.serve.catalogue import to_item
 from atelier.serve.explain import attribute_sets, explain
 from atelier.serve.products import Enricher, ItemEncoder, make_enricher
 from atelier.serve.schemas import (
@@ -53,7 +53,7 @@ from atelier.serve.stages import (
     run_chain,
     stage_request,
 )
-from atelier.store import SearchFilters, StoreError, VectorStore, open_store
+from atelier.store import SearchFilters, StoreError, VectorStore, fetch_items, open_store, search_items
 
 log = logging.getLogger("atelier.serve")
 
