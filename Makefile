@@ -29,16 +29,19 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q .build/wheels/lightfm-1.17-*.whl
 	touch $@
 
-# The embedded LLM backend (optional, not part of `make test`): build the llama-cpp-python wheel
-# once (about 6 min on 2 cores, niced) and reuse it from .build/wheels afterwards.
+# The embedded LLM backends (optional, not part of `make test`): build the llama-cpp-python wheel
+# once (about 6 min on 2 idle cores, niced) and reuse it from .build/wheels afterwards, then install
+# the `llm` extra of pyproject.toml (llama-cpp-python from that wheel, gguf for the LoRA adapter), so
+# the extra is the one list of what the LLM paths need. Re-run when pyproject.toml or this file change.
 LLAMA_CPP := llama-cpp-python==0.3.36
 llm: setup .build/llama.installed
 
-.build/llama.installed:
+.build/llama.installed: pyproject.toml Makefile
 	ls .build/wheels/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
 		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice -n 10 $(BIN)/pip wheel --no-deps -w .build/wheels "$(LLAMA_CPP)"
-	$(BIN)/pip install -q --no-deps .build/wheels/llama_cpp_python-0.3.36-*.whl
-	$(BIN)/pip install -q "diskcache>=5.6.1" "jinja2>=2.11.3" "typing-extensions>=4.5.0"
+	$(BIN)/pip install -q --find-links .build/wheels -e ".[llm]"
+	# Fail here, not at the first product: every default LLM path imports these.
+	$(BIN)/python -c "import llama_cpp, gguf; print('llm extra ok: llama-cpp-python', llama_cpp.__version__, '+ gguf')"
 	touch $@
 
 run: setup  ## the main job: the whole pipeline on ../shared/data (or ATELIER_DATA_DIR)
@@ -50,9 +53,10 @@ test: setup  ## the default test suite (slow tests excluded)
 test-all: setup
 	$(BIN)/pytest -q
 
-lint: setup
+lint: setup  ## ruff, mypy and the import contracts of pyproject.toml (layers, serving never imports training)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .build runs .pytest_cache .mypy_cache .ruff_cache

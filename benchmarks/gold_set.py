@@ -42,7 +42,7 @@ def hm_sample(n: int = HM_N, seed: int = HM_SEED) -> list[str]:
     from atelier.config import Settings
     from atelier.ingest import load_tables
 
-    items = load_tables(Settings().dataset_dir("hm"))[0]
+    items = load_tables(Settings().paths.dataset("hm"))[0]
     tuned = set(items.sample(n=100, random_state=0)["product_code"])
     art = pd.read_csv(HM_ARTICLES, dtype=str, usecols=["article_id", "product_code", "detail_desc"])
     art = art[art["detail_desc"].fillna("").str.strip().ne("") & ~art["product_code"].isin(tuned)]

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from atelier.baselines import PopularityRecommender, RepurchaseRecommender, TextKNNRecommender
 from atelier.config import Settings
-from atelier.content import ItemTowerRecommender, vocab_path
 from atelier.evaluate import evaluate, write_report
+from atelier.recommend.baselines import PopularityRecommender, RepurchaseRecommender, TextKNNRecommender
+from atelier.recommend.content import ItemTowerRecommender
 from atelier.recommender import Recommender
 from atelier.vocab import Vocab
 
@@ -39,9 +39,9 @@ def main() -> None:
         if path.is_file():
             recs.append(ItemTowerRecommender(path, window_days=window, name=f"tower:{key.replace('_', '+')}",
                                              use_std=std, use_re=re_, use_text=text))
-    recs.append(ItemTowerRecommender(None, Vocab.load(vocab_path(settings)), window_days=window,
+    recs.append(ItemTowerRecommender(None, Vocab.load(settings.paths.vocab), window_days=window,
                                      name="tower:untrained"))
-    report = evaluate(args.dataset, settings.dataset_dir(args.dataset), recs, settings.run_dir / "features",
+    report = evaluate(args.dataset, settings.paths.dataset(args.dataset), recs, settings.paths.features,
                       on_model=lambda n: print("evaluating", n, flush=True))
     report["command"] = "python benchmarks/item_tower_ablation.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())

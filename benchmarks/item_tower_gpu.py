@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from atelier.models.item_tower import ItemInputs, ItemTower, ItemTowerConfig, save_checkpoint
-from atelier.train import TrainItemConfig, train_item_tower
+from atelier.train.item import TrainItemConfig, train_item_tower
 from atelier.vocab import ItemTokens, Vocab
 
 VARIANTS = {  # name: (use_std, use_re, use_text)
@@ -40,13 +40,13 @@ def pack(dataset: str, out: Path, run_dir: Path) -> None:
     import numpy as np
 
     from atelier.config import Settings
-    from atelier.content import catalogue_inputs, vocab_path
     from atelier.ingest import load_tables
+    from atelier.recommend.encoder import catalogue_inputs
 
     settings = Settings(run_dir=run_dir)
-    vocab = Vocab.load(vocab_path(settings))
-    items = load_tables(settings.dataset_dir(dataset))[0]
-    x = catalogue_inputs(items, dataset, vocab, settings.run_dir / "features")
+    vocab = Vocab.load(settings.paths.vocab)
+    items = load_tables(settings.paths.dataset(dataset))[0]
+    x = catalogue_inputs(items, dataset, vocab, settings.paths.features)
     text = x.text[:, 0].numpy()
     unique, inverse = np.unique(text, axis=0, return_inverse=True)
     out.parent.mkdir(parents=True, exist_ok=True)

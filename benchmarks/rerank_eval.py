@@ -23,13 +23,14 @@ from typing import Any
 import torch
 
 from atelier.config import Settings
-from atelier.datasets import POPULARITY_WINDOW_DAYS, build_queries, time_split
+from atelier.datasets import build_queries, rules_for, time_split
 from atelier.evaluate import evaluate, git_commit, machine
 from atelier.ingest import load_tables
 from atelier.models.ranker import RankerConfig
+from atelier.pipeline.ranker import make_retriever
+from atelier.recommend.user_tower import item_tower_for
 from atelier.recommender import Recommender
-from atelier.rerank import RerankRecommender, RerankTrainConfig, make_retriever
-from atelier.two_tower import item_tower_for
+from atelier.train.ranker import RerankRecommender, RerankTrainConfig
 
 RUN_DIR = Path("runs")
 OUT = Path("benchmarks/results/rerank-2026-11-27.json")
@@ -40,11 +41,11 @@ def retriever(dataset: str, kind: str) -> Recommender:
     """A fresh, unfitted retriever of the chosen kind (two-tower capped at 2 epochs for CPU time)."""
     settings = Settings(run_dir=RUN_DIR)
     if kind == "two-tower":
-        from atelier.train_user import TrainUserConfig
-        from atelier.two_tower import TwoTowerRecommender, item_tower_for
+        from atelier.recommend.user_tower import item_tower_for
+        from atelier.train.user import TrainUserConfig, TwoTowerRecommender
 
         return TwoTowerRecommender(item_tower_for(settings, dataset), cfg=TrainUserConfig(epochs=2),
-                                   window_days=POPULARITY_WINDOW_DAYS.get(dataset, 7.0))
+                                   window_days=rules_for(dataset).popularity_days)
     return make_retriever(settings, dataset, kind)
 
 

@@ -247,8 +247,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="atelier-soak-"))
     run_dir = args.run_dir or build_run(workdir / "run", args.data_dir)
     settings = Settings.model_validate({"run_dir": run_dir, "DATABASE_URL": ""})
-    catalogue = pd.read_parquet(settings.dataset_dir("hm") / "items.parquet")["item_id"].astype(str).tolist()
-    users = pd.read_parquet(settings.dataset_dir("hm") / "users.parquet")["user_id"].astype(str).tolist()[:2000]
+    catalogue = pd.read_parquet(settings.paths.dataset("hm") / "items.parquet")["item_id"].astype(str).tolist()
+    users = pd.read_parquet(settings.paths.dataset("hm") / "users.parquet")["user_id"].astype(str).tolist()[:2000]
     key, port = secrets.token_urlsafe(24), free_port()  # throwaway key: never printed or saved
     env = {**os.environ, "ATELIER_RUN_DIR": str(run_dir), "ATELIER_API_KEY": key, "HF_HUB_OFFLINE": "1",
            "ATELIER_SERVE_PORT": str(port), "ATELIER_SERVE_HOST": "127.0.0.1"}

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 
 import pytest
 
 from atelier.config import _default_data_dir
+from tests.helpers import write_head
 
 DATA_DIR = Path(os.environ.get("ATELIER_DATA_DIR") or _default_data_dir() or "../shared/data")
 
@@ -25,16 +25,6 @@ def data_dir() -> Path:
     return _needs(DATA_DIR)
 
 
-def write_head(src: Path, dst: Path, lines: int) -> Path:
-    """Copy the header and the first ``lines`` rows of a (gzipped) CSV into ``dst``."""
-    opener = gzip.open if src.suffix == ".gz" else open
-    with opener(src, "rt", encoding="utf-8") as fh:
-        head = [next(fh) for _ in range(lines + 1)]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    out_opener = gzip.open if dst.suffix == ".gz" else open
-    with out_opener(dst, "wt", encoding="utf-8") as fh:
-        fh.writelines(head)
-    return dst
 
 
 @pytest.fixture(scope="session")

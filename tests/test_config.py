@@ -26,4 +26,4 @@ def test_env_and_database_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     settings = Settings()
     assert settings.run_dir == (tmp_path / "r").resolve()
     assert settings.database_url == "postgresql://db.example/atelier"
-    assert settings.dataset_dir("hm") == (tmp_path / "r" / "data" / "hm").resolve()
+    assert settings.paths.dataset("hm") == (tmp_path / "r" / "data" / "hm").resolve()

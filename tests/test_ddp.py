@@ -14,7 +14,7 @@ import json, sys, torch
 from atelier.schema import ItemJSON, load_schema
 from atelier.vocab import build_vocab
 from atelier.models.item_tower import ItemTowerConfig, item_inputs
-from atelier.train import TrainItemConfig, train_item_tower, distributed
+from atelier.train.item import TrainItemConfig, distributed, train_item_tower
 vocab = build_vocab(load_schema())
 items = [ItemJSON(item_id=f"i{i}", clothes={"color": [["black", "white", "red", "navy"][i % 4]]}) for i in range(64)]
 x = item_inputs(items, vocab, torch.randn(64, 384, generator=torch.Generator().manual_seed(0)))

@@ -6,15 +6,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from atelier.baselines import (
+from atelier.datasets import EvaluationError, build_queries, time_split
+from atelier.evaluate import evaluate, write_report
+from atelier.ingest import ingest
+from atelier.recommend.baselines import (
     PopularityRecommender,
     RandomRecommender,
     RepurchaseRecommender,
     SegmentPopularityRecommender,
 )
-from atelier.datasets import EvaluationError, build_queries, time_split
-from atelier.evaluate import evaluate, write_report
-from atelier.ingest import ingest
 from atelier.recommender import Query, TrainData, fill, popular_items
 
 
@@ -57,8 +57,16 @@ def test_split_boundaries_and_no_leakage() -> None:
 def test_split_errors() -> None:
     with pytest.raises(EvaluationError, match="leaves"):
         time_split("hm", TINY, cut="2021-01-01")
-    with pytest.raises(EvaluationError, match="no default cut"):
-        time_split("shop", TINY)
+    with pytest.raises(EvaluationError, match="1 day"):
+        time_split("shop", TINY[TINY["ts"] < "2020-09-17"])
+
+
+def test_a_catalogue_without_rules_tests_on_its_last_fifth_of_days() -> None:
+    """Any catalogue gets a default cut: 5 days of log -> the last day tests (a fifth, at least one)."""
+    split = time_split("shop", TINY)
+    assert split.cut == pd.Timestamp("2020-09-20") and split.source == "default cut"
+    spread = TINY.assign(ts=TINY["ts"] + pd.to_timedelta(range(len(TINY)), unit="D"))
+    assert time_split("shop", spread).cut == pd.Timestamp("2020-09-25")  # 8 distinct days -> the last 2 test
 
 
 def test_popularity_and_repurchase_known_answers() -> None:
@@ -148,7 +156,7 @@ def test_test_file_split_trains_on_everything_before_it(tmp_path: Path) -> None:
 
 
 def test_repurchase_first_shares_a_fitted_model() -> None:
-    from atelier.evaluate import _select
+    from atelier.pipeline.suites import _select
     from atelier.recommender import RepurchaseFirst
 
     train = time_split("hm", TINY).train

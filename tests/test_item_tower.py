@@ -18,7 +18,7 @@ from atelier.models.item_tower import (
 from atelier.models.losses import info_nce
 from atelier.models.views import ViewConfig, complementary_masks, make_views
 from atelier.schema import ItemJSON, load_schema
-from atelier.train import TrainItemConfig, lr_at, train_item_tower
+from atelier.train.item import TrainItemConfig, lr_at, train_item_tower
 from atelier.vocab import Vocab, build_vocab
 
 

@@ -20,11 +20,11 @@ import pandas as pd
 import pytest
 
 from atelier.config import Settings
-from atelier.datasets import DEFAULT_CUTS, build_queries, cart_queries, time_split, train_data
+from atelier.datasets import build_queries, cart_queries, rules_for, time_split, train_data
 from atelier.ingest import load_tables
 from atelier.recommender import Query
 
-CUT = {name: pd.Timestamp(day) for name, day in DEFAULT_CUTS.items()}
+CUT = {name: pd.Timestamp(rules_for(name).cut) for name in ("hm", "rtr")}
 
 
 def _keep(ids: pd.Series, every: int) -> pd.Series:
@@ -94,15 +94,16 @@ def _copies(root: Path, data_dir: Path) -> tuple[Path, Path]:
 def _pipeline(settings: Settings, minilm_cache: Path | None) -> None:
     """The main job's stages on tiny configurations (the same code, fewer steps)."""
     from atelier.cli import run_ingest, run_vocab
-    from atelier.content import encode_stage, index_stage, train_item_stage
-    from atelier.rerank import RerankTrainConfig, train_ranker_stage
-    from atelier.train import TrainItemConfig
-    from atelier.train_user import TrainUserConfig
-    from atelier.two_tower import index_user_stage, train_user_stage
+    from atelier.pipeline.item_tower import encode_stage, index_stage, train_item_stage
+    from atelier.pipeline.ranker import train_ranker_stage
+    from atelier.pipeline.user_tower import index_user_stage, train_user_stage
+    from atelier.train.item import TrainItemConfig
+    from atelier.train.ranker import RerankTrainConfig
+    from atelier.train.user import TrainUserConfig
 
     run_ingest(settings, ["hm", "rtr"])
     run_vocab(settings, ["hm", "rtr"])
-    features = settings.run_dir / "features"
+    features = settings.paths.features
     if minilm_cache is not None:  # the catalogue text is the same in both copies: encode it once
         features.mkdir(parents=True, exist_ok=True)
         for f in minilm_cache.glob("minilm-*.npy"):
@@ -130,7 +131,7 @@ def leak_runs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple
 
 
 def _queries(settings: Settings, dataset: str) -> list[Query]:
-    _, inter, users = load_tables(settings.dataset_dir(dataset))
+    _, inter, users = load_tables(settings.paths.dataset(dataset))
     split = time_split(dataset, inter)
     return build_queries(split, users)[0] + cart_queries(split)[0]
 
@@ -140,8 +141,8 @@ def test_no_leak_into_training_data(leak_runs: tuple[Settings, Settings], datase
     """The catalogue, window and users a model is fitted on are the same whatever the test window holds."""
     views = []
     for settings in leak_runs:
-        items, inter, users = load_tables(settings.dataset_dir(dataset))
-        views.append(train_data(time_split(dataset, inter), items, users, settings.run_dir / "features"))
+        items, inter, users = load_tables(settings.paths.dataset(dataset))
+        views.append(train_data(time_split(dataset, inter), items, users, settings.paths.features))
     real, altered = views
     for table in ("items", "interactions", "users"):
         pd.testing.assert_frame_equal(getattr(real, table), getattr(altered, table), obj=f"{dataset} {table}")
@@ -152,7 +153,7 @@ def test_no_leak_into_training_data(leak_runs: tuple[Settings, Settings], datase
 @pytest.mark.parametrize("dataset", ["hm", "rtr"])
 def test_no_leak_into_predictions(leak_runs: tuple[Settings, Settings], dataset: str) -> None:
     """Every model of the report, fitted on each copy, ranks the same items for the same shoppers."""
-    from atelier.evaluate import model_suite
+    from atelier.pipeline.suites import model_suite
 
     queries = _queries(leak_runs[0], dataset)
     assert (any(q.history for q in queries) and any(q.cart for q in queries)) or dataset == "rtr"
@@ -162,8 +163,8 @@ def test_no_leak_into_predictions(leak_runs: tuple[Settings, Settings], dataset:
     assert {"rules", "atelier"} <= set(names) and any(n.startswith("rerank") for n in names)
     data = []
     for settings in leak_runs:
-        items, inter, users = load_tables(settings.dataset_dir(dataset))
-        data.append(train_data(time_split(dataset, inter), items, users, settings.run_dir / "features"))
+        items, inter, users = load_tables(settings.paths.dataset(dataset))
+        data.append(train_data(time_split(dataset, inter), items, users, settings.paths.features))
     for real, altered in zip(*suites, strict=True):
         ranked = [rec.fit(d).recommend(queries, 50) for rec, d in ((real, data[0]), (altered, data[1]))]
         changed = [q.user_id for q, a, b in zip(queries, *ranked, strict=True) if a != b]

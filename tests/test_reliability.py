@@ -37,9 +37,10 @@ from fastapi.testclient import TestClient
 
 from atelier.config import Settings
 from atelier.serve.app import create_app
-from atelier.serve.service import RecommendService, error_log_path
+from atelier.serve.service import RecommendService
 from atelier.store import StoreError, VectorStore, open_store
-from tests.test_serve_api import API_KEY, build_tiny_run, product
+from atelier.store.pointers import live_model_id
+from tests.helpers import API_KEY, build_tiny_run, product
 
 AUTH = {"X-API-Key": API_KEY}
 
@@ -71,7 +72,7 @@ def client(rel_service: RecommendService, rel_settings: Settings) -> Iterator[Te
 def catalogue(rel_settings: Settings) -> list[str]:
     import pandas as pd
 
-    return pd.read_parquet(rel_settings.dataset_dir("hm") / "items.parquet")["item_id"].astype(str).tolist()
+    return pd.read_parquet(rel_settings.paths.dataset("hm") / "items.parquet")["item_id"].astype(str).tolist()
 
 
 def live_ids(store: VectorStore) -> set[str]:
@@ -201,14 +202,14 @@ def test_fuzz_api_1000_requests(client: TestClient, rel_service: RecommendServic
 
 
 def _deleted(service: RecommendService) -> set[str]:
-    """Catalogue ids the fuzzer deleted (a DELETE with a real id is a legitimate request)."""
+    """ShopState ids the fuzzer deleted (a DELETE with a real id is a legitimate request)."""
     store = service.store()
     assert store is not None
     with store.connection() as conn:
         present = {r[0] for r in conn.execute("SELECT item_id FROM items").fetchall()}
     import pandas as pd
 
-    ids = pd.read_parquet(service.settings.dataset_dir("hm") / "items.parquet")["item_id"].astype(str)
+    ids = pd.read_parquet(service.settings.paths.dataset("hm") / "items.parquet")["item_id"].astype(str)
     return set(ids) - present
 
 
@@ -348,7 +349,7 @@ def test_writes_need_the_key_compared_in_constant_time_and_never_logged(
     assert client.delete("/items/auth-x", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 204
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert API_KEY not in logged
-    errors_file = error_log_path(rel_service.settings)
+    errors_file = rel_service.settings.paths.serve_errors
     assert not errors_file.is_file() or API_KEY not in errors_file.read_text()
     schema = client.get("/openapi.json").json()
     assert {"APIKeyHeader", "HTTPBearer"} <= set(schema["components"]["securitySchemes"])
@@ -445,7 +446,7 @@ def test_database_killed_during_recommend_and_upsert(client: TestClient, rel_ser
 
 def test_database_killed_during_an_index_load(rel_settings: Settings, rel_service: RecommendService,
                                               client: TestClient) -> None:
-    from atelier.content import current_model_id, index_stage
+    from atelier.pipeline.item_tower import index_stage
 
     # a product added through the API since `atelier encode` must keep its vector through a re-index
     assert client.post("/items", json=product("live-before-reindex"), headers=AUTH).status_code == 201
@@ -472,7 +473,7 @@ def test_database_killed_during_an_index_load(rel_settings: Settings, rel_servic
     check_consistency(rel_service, expected, "after the db was killed mid-load (old vectors still live)")
     report = index_stage(rel_settings, "hm")  # the re-run completes
     assert report["ok"], report["problems"]
-    assert current_model_id(rel_settings, "hm") == rel_service.model_id
+    assert live_model_id(rel_settings.paths, "hm") == rel_service.model_id
     wait_until_serving(client)
     after = check_consistency(rel_service, expected, "after the index load was re-run")
     assert report["kept_live"] >= 1 and client.get("/items/live-before-reindex/similar").status_code == 200
@@ -532,7 +533,7 @@ def test_llm_server_hangs_returns_garbage_or_500s(client: TestClient, rel_servic
             assert res.status_code == 201, res.text
         ids = {f"llm-{m.replace('_', '-')}" for m in outcomes}
         check_consistency(rel_service, expected | ids, "after the LLM faults and the re-run")
-        records = [json.loads(line) for line in error_log_path(rel_service.settings).read_text().splitlines()]
+        records = [json.loads(line) for line in rel_service.settings.paths.serve_errors.read_text().splitlines()]
         assert {r["item_id"] for r in records} >= ids
         for item_id in ids:
             assert client.delete(f"/items/{item_id}", headers=AUTH).status_code == 204
@@ -577,11 +578,10 @@ def test_full_disk_keeps_old_artifacts_and_the_service_answers(
     catalogue: list[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from atelier.atomic import write_json
-    from atelier.content import checkpoint_path
     from atelier.models.item_tower import load_checkpoint, save_checkpoint
 
     # artifacts: a checkpoint and a report that exist, then a disk with no byte left
-    model, payload = load_checkpoint(checkpoint_path(rel_settings, "hm"))
+    model, payload = load_checkpoint(rel_settings.paths.item_tower("hm"))
     ckpt, report = small_disk / "models" / "item_tower-hm.pt", small_disk / "reports" / "hm.json"
     save_checkpoint(model, ckpt, payload["vocab"], {"dataset": "hm"})
     write_json(report, {"version": 1})
@@ -602,8 +602,8 @@ def test_full_disk_keeps_old_artifacts_and_the_service_answers(
     assert not leftovers, leftovers
 
     # the service's own writes: its failed-ingest log lives on the full disk
-    serve_dir = error_log_path(rel_settings).parent
-    monkeypatch.setattr("atelier.serve.service.error_log_path", lambda s: small_disk / "serve" / "errors.jsonl")
+    serve_dir = rel_settings.paths.serve_errors.parent
+    monkeypatch.setattr(rel_service, "error_log", small_disk / "serve" / "errors.jsonl")
 
     class Broken:
         name = "broken"
@@ -723,10 +723,9 @@ def test_kill_9_while_saving_checkpoints_never_leaves_a_torn_file(tmp_path: Path
 
 
 def test_corrupt_or_mismatched_checkpoints_fail_loudly(tmp_path: Path, rel_settings: Settings) -> None:
-    from atelier.content import checkpoint_path
     from atelier.models.item_tower import CheckpointError, load_checkpoint, save_checkpoint
 
-    model, payload = load_checkpoint(checkpoint_path(rel_settings, "hm"))
+    model, payload = load_checkpoint(rel_settings.paths.item_tower("hm"))
     good = tmp_path / "good.pt"
     save_checkpoint(model, good, payload["vocab"], {})
     raw = good.read_bytes()
@@ -756,13 +755,12 @@ def test_corrupt_or_mismatched_checkpoints_fail_loudly(tmp_path: Path, rel_setti
 def test_changed_checkpoint_blocks_ingest_instead_of_mixing_spaces(rel_settings: Settings,
                                                                   rel_service: RecommendService) -> None:
     """A checkpoint replaced after `atelier index` must not encode new products into another space."""
-    from atelier.content import checkpoint_path
 
-    ckpt = checkpoint_path(rel_settings, "hm")
+    ckpt = rel_settings.paths.item_tower("hm")
     original = ckpt.read_bytes()
     try:
         ckpt.write_bytes(original[:-10] + b"0123456789")  # a different file (its hash changes)
-        svc = RecommendService(rel_settings, catalogue=rel_service.catalogue, warm_up=False)
+        svc = RecommendService(rel_settings, shop=rel_service.shop, warm_up=False)
         try:
             assert svc.encoder is None and "changed since" in (svc.ingest_blocker or "")
             with TestClient(create_app(rel_settings, service=svc)) as c:

@@ -11,31 +11,18 @@ import pandas as pd
 import pytest
 import torch
 
-from atelier.baselines import PopularityRecommender
 from atelier.config import Settings
-from atelier.content import tower_config
 from atelier.models.item_tower import CheckpointError, ItemTower, load_checkpoint, save_checkpoint
+from atelier.models.losses import listwise_loss
 from atelier.models.ranker import RankerConfig, build_ranker, load_ranker, projection, transfer_embeddings
+from atelier.pipeline.suites import rerank_suite
+from atelier.recommend.baselines import PopularityRecommender
+from atelier.recommend.chain import RerankStage, Scored, StageRequest, StageSkip
+from atelier.recommend.encoder import tower_config
+from atelier.recommend.ranker import Featuriser, ItemFeatures, LogStats, ProfileScale, load_scorer, predict
 from atelier.recommender import Query, TrainData
-from atelier.rerank import (
-    Catalogue,
-    Featuriser,
-    LogStats,
-    ProfileStats,
-    RerankRecommender,
-    RerankTrainConfig,
-    Rows,
-    encoded_tables,
-    listwise_loss,
-    load_scorer,
-    predict,
-    ranker_path,
-    rerank_suite,
-    train_ranker,
-    training_rows,
-)
 from atelier.schema import load_schema
-from atelier.serve.stages import RerankStage, Scored, StageRequest, StageSkip
+from atelier.train.ranker import RerankRecommender, RerankTrainConfig, Rows, encoded_tables, train_ranker, training_rows
 from atelier.vocab import Vocab, build_vocab
 
 CATS = ["dress", "gown", "jumpsuit", "skirt", "top"]
@@ -240,7 +227,7 @@ def test_checkpoint_round_trip(tmp_path: Path, toy: tuple[TrainData, Path]) -> N
     assert rerank_suite(settings, "rtr") == []
     (tmp_path / "runs" / "models").mkdir(parents=True)
     shutil.copyfile(ckpt, tmp_path / "runs" / "models" / "item_tower-rtr.pt")
-    rec.save(ranker_path(settings, "rtr"), {"retriever": "occasion"})
+    rec.save(settings.paths.ranker("rtr"), {"retriever": "occasion"})
     (entry,) = rerank_suite(settings, "rtr")
     assert isinstance(entry, RerankRecommender) and entry.cfg_overrides == rec.cfg and entry.tcfg == rec.tcfg
     assert entry.name == "rerank (occasion)"
@@ -255,7 +242,7 @@ def test_checkpoint_round_trip(tmp_path: Path, toy: tuple[TrainData, Path]) -> N
     scorer, payload = load_scorer(settings, "rtr", data)
     assert payload["retriever"] == "occasion"
     np.testing.assert_allclose(scorer.score(q, ["i1", "i2", "i3"]), before, rtol=1e-6)
-    ranker_path(settings, "rtr").write_bytes(b"not a checkpoint")
+    settings.paths.ranker("rtr").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="ranker"):
         load_scorer(settings, "rtr", data)
 
@@ -311,8 +298,8 @@ def test_featuriser_marks_repurchases_and_retrieval_rank(toy: tuple[TrainData, P
     x = feat.rows(Query("u", history=("i2",)), ["i1", "i2"], np.array([1.0, 0.5], np.float32), stats)
     assert x[:, feat.layout["in_history"][0]].tolist() == [0.0, 1.0]
     assert x[:, feat.layout["retrieval_score"][0]].tolist() == [1.0, 0.5]
-    assert ProfileStats.build(data.users).z("age", None) == 0.0
+    assert ProfileScale.build(data.users).z("age", None) == 0.0
     assert predict(_featuriser(data, ckpt, RankerConfig(0, 0))[1], x).shape == (2,)
     # A catalogue row holds the item's STD ids: the mapped category of a dress is in its fields.
-    cat: Catalogue = feat.cat
+    cat: ItemFeatures = feat.cat
     assert feat.cat.fields[cat.index["i0"], 0] == build_vocab(load_schema()).std_id("category", "04onepiece_01dress")

@@ -8,62 +8,24 @@ untrained item tower saved as a checkpoint, ``encode_stage`` (MiniLM text + towe
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from atelier.config import Settings
+from atelier.recommend.chain import PopularityStage, Scored, StageRequest, StageSkip, run_chain
 from atelier.schema import ItemJSON
+from atelier.schema.context import context_attributes
 from atelier.serve.app import create_app
-from atelier.serve.explain import context_attributes
 from atelier.serve.schemas import ProductIn
-from atelier.serve.service import RecommendService, error_log_path
-from atelier.serve.stages import PopularityStage, Scored, StageRequest, StageSkip, register_stage, run_chain
+from atelier.serve.service import RecommendService
+from atelier.serve.stages import register_stage
 from atelier.store import SearchFilters
-
-N_ARTICLES = 400  # enough for categories, colours and a popular list; MiniLM encodes it in ~2 s
-API_KEY = "test-key-0123456789"
-
-
-def build_tiny_run(run_dir: Path, data_dir: Path) -> Settings:
-    """A run folder with an ingested H&M slice, a small item tower and its vectors indexed (idempotent)."""
-    from atelier.catalogue import column_items
-    from atelier.content import checkpoint_path, encode_stage, index_stage, tower_config, vocab_path
-    from atelier.ingest import ingest, load_tables
-    from atelier.models.item_tower import ItemTower, save_checkpoint
-    from atelier.schema import load_schema
-    from atelier.vocab import build_vocab
-
-    settings = Settings.model_validate({"run_dir": run_dir, "data_dir": run_dir / "source", "DATABASE_URL": "",
-                                        "api_key": API_KEY})
-    if (run_dir / "index" / "hm.json").is_file():
-        return settings
-    source = run_dir / "source" / "hm"
-    source.mkdir(parents=True)
-    with gzip.open(data_dir / "hm" / "articles.csv.gz", "rt", encoding="utf-8") as fh:
-        head = [next(fh) for _ in range(N_ARTICLES + 1)]
-    with gzip.open(source / "articles.csv.gz", "wt", encoding="utf-8") as fh:
-        fh.writelines(head)
-    ids = {line.split(",", 1)[0] for line in head[1:]}
-    tx = pd.read_csv(data_dir / "hm" / "transactions.csv.gz", dtype=str)
-    tx[tx["article_id"].isin(ids)].to_csv(source / "transactions.csv.gz", index=False, compression="gzip")
-    ingest("hm", source, run_dir / "data")
-    items = load_tables(settings.dataset_dir("hm"))[0]
-    vocab = build_vocab(load_schema(), column_items(items, "hm"))
-    vocab.save(vocab_path(settings))
-    torch.manual_seed(0)
-    tower = ItemTower(tower_config(vocab, d_model=32, n_heads=2, n_layers=1, head_blocks=1, out_dim=32)).eval()
-    save_checkpoint(tower, checkpoint_path(settings, "hm"), vocab.to_dict(), {"dataset": "hm"})
-    encode_stage(settings, "hm")
-    report = index_stage(settings, "hm")
-    assert report["ok"], report["problems"]
-    return settings
+from tests.helpers import API_KEY, build_tiny_run, product
 
 
 @pytest.fixture(scope="session")
@@ -90,17 +52,9 @@ def client(service: RecommendService, serve_settings: Settings) -> Iterator[Test
 @pytest.fixture(scope="session")
 def catalogue_ids(serve_settings: Settings) -> list[str]:
     """The ingested item ids in catalogue order."""
-    return pd.read_parquet(serve_settings.dataset_dir("hm") / "items.parquet")["item_id"].astype(str).tolist()
+    return pd.read_parquet(serve_settings.paths.dataset("hm") / "items.parquet")["item_id"].astype(str).tolist()
 
 
-def product(item_id: str, **extra: object) -> dict[str, object]:
-    """A new product as a merchandiser would post it."""
-    body: dict[str, object] = {
-        "item_id": item_id, "title": "Emerald satin slip dress",
-        "description": "Bias-cut midi slip dress in green satin with narrow adjustable straps.",
-        "columns": {"product_type_name": "Dress", "colour_group_name": "Green"}, "price": 0.05,
-    }
-    return {**body, **extra}
 
 
 AUTH = {"X-API-Key": API_KEY}
@@ -184,7 +138,7 @@ def test_recommend_anonymous_is_popularity(client: TestClient) -> None:
 
 
 def test_recommend_known_user_excludes_history(client: TestClient, service: RecommendService) -> None:
-    user, history = next((u, h) for u, h in service.catalogue.histories.items() if len(h) >= 2)
+    user, history = next((u, h) for u, h in service.shop.histories.items() if len(h) >= 2)
     res = client.post("/recommend", json={"user_id": user, "k": 6}).json()
     assert res["stage"] == "content" and not res["notes"]
     assert not {i["item_id"] for i in res["items"]} & set(history)
@@ -294,9 +248,9 @@ def test_enrichment_failure_stores_nothing(client: TestClient, service: Recommen
     assert res.status_code == 502
     assert "broken-llm" in res.json()["detail"] and "nothing was stored" in res.json()["detail"]
     assert client.get("/items/fails-1").status_code == 404
-    records = [json.loads(line) for line in error_log_path(service.settings).read_text().splitlines()]
+    records = [json.loads(line) for line in service.settings.paths.serve_errors.read_text().splitlines()]
     assert records[-1]["item_id"] == "fails-1" and "timed out" in records[-1]["error"]
-    assert API_KEY not in error_log_path(service.settings).read_text()
+    assert API_KEY not in service.settings.paths.serve_errors.read_text()
 
 
 # --- degraded modes ---------------------------------------------------------------------------
@@ -304,7 +258,7 @@ def test_enrichment_failure_stores_nothing(client: TestClient, service: Recommen
 
 def test_unreachable_store_serves_cached_popular(serve_settings: Settings, service: RecommendService) -> None:
     dead = serve_settings.model_copy(update={"database_url": "postgresql://atelier@127.0.0.1:1/atelier"})
-    svc = RecommendService(dead, catalogue=service.catalogue, warm_up=False)
+    svc = RecommendService(dead, shop=service.shop, warm_up=False)
     with TestClient(create_app(dead, service=svc)) as c:
         ready = c.get("/ready")
         assert ready.status_code == 503 and ready.json()["degraded"] and "unreachable" in ready.json()["store"]
@@ -321,7 +275,7 @@ def test_unreachable_store_serves_cached_popular(serve_settings: Settings, servi
 
 def test_store_lost_mid_run_falls_back(serve_settings: Settings, service: RecommendService,
                                        catalogue_ids: list[str]) -> None:
-    svc = RecommendService(serve_settings, catalogue=service.catalogue, warm_up=False)
+    svc = RecommendService(serve_settings, shop=service.shop, warm_up=False)
     store = svc.store()
     assert store is not None
     with TestClient(create_app(serve_settings, service=svc)) as c:
@@ -368,9 +322,9 @@ def test_chain_pads_from_later_stages_and_reports() -> None:
 
 
 def test_popularity_respects_filters(service: RecommendService) -> None:
-    stage = PopularityStage(service.catalogue.popular, lambda p: [])
+    stage = PopularityStage(service.shop.popular, lambda p: [])
     dresses = stage.recommend(StageRequest(k=5, filters=SearchFilters(categories=("04onepiece_01dress",))))
-    entries = service.catalogue.popular.entries
+    entries = service.shop.popular.entries
     assert all(entries[s.item_id].category == "04onepiece_01dress" for s in dresses)
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 from atelier.datasets import Split, cart_queries
+from atelier.recommend.sources import CoBought, Colourways, OwnItems, Popular, RulesRecommender
 from atelier.recommender import Query, TrainData
-from atelier.sources import CoBought, Colourways, OwnItems, Popular, RulesRecommender
 
 D1, D2, D3 = (pd.Timestamp(f"2020-09-{d}") for d in (16, 17, 18))
 

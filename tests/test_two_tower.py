@@ -12,19 +12,14 @@ from typer.testing import CliRunner
 
 from atelier.cli import app
 from atelier.config import Settings
+from atelier.pipeline.user_tower import index_user_stage, train_user_stage
+from atelier.recommend.chain import StageRequest
+from atelier.recommend.user_tower import retrieve, serving_retriever
 from atelier.recommender import Query
-from atelier.serve.stages import StageRequest
 from atelier.store import open_store
-from atelier.train_user import TrainUserConfig
-from atelier.two_tower import (
-    index_user_stage,
-    retrieve,
-    serving_retriever,
-    train_user_stage,
-    two_tower_model_id,
-    user_checkpoint_path,
-)
-from tests.test_serve_api import build_tiny_run
+from atelier.store.pointers import live_model_id
+from atelier.train.user import TrainUserConfig
+from tests.helpers import build_tiny_run
 
 TINY = TrainUserConfig(epochs=1, batch_size=64, n_sampled=64)
 
@@ -40,11 +35,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Setting
 
 
 def test_training_is_cached_and_the_checkpoint_describes_its_window(trained: Settings) -> None:
-    path = user_checkpoint_path(trained, "hm")
+    path = trained.paths.user_tower("hm")
     before = path.stat().st_mtime_ns
     _, history = train_user_stage(trained, "hm", TINY)  # same log, vectors and config: reloaded, not retrained
     assert history["epochs"][0]["epoch"] == 0 and "best_epoch" in history
-    cached = list((trained.run_dir / "features" / "user_towers").glob("hm-*.pt"))
+    cached = list((trained.paths.features / "user_towers").glob("hm-*.pt"))
     assert len(cached) == 1
     import torch
 
@@ -56,9 +51,9 @@ def test_training_is_cached_and_the_checkpoint_describes_its_window(trained: Set
 
 def test_store_retrieval_matches_brute_force_and_excludes_history(trained: Settings) -> None:
     retriever = serving_retriever(trained, "hm")
-    model_id = two_tower_model_id(trained, "hm")
+    model_id = live_model_id(trained.paths, "hm", "two_tower")
     assert model_id.startswith("two_tower:hm:")
-    log = pd.read_parquet(trained.dataset_dir("hm") / "interactions.parquet")
+    log = pd.read_parquet(trained.paths.dataset("hm") / "interactions.parquet")
     user = str(log["user_id"].value_counts().index[0])
     history = tuple(dict.fromkeys(log.loc[log["user_id"].astype(str) == user, "item_id"].astype(str)))
     query = Query(user_id=user, history=history)
@@ -86,12 +81,12 @@ def test_reindex_is_skipped_for_an_indexed_checkpoint(trained: Settings) -> None
 
 def test_recommend_cli_for_a_user_and_an_anonymous_shopper(trained: Settings) -> None:
     runner = CliRunner()
-    log = pd.read_parquet(trained.dataset_dir("hm") / "interactions.parquet")
+    log = pd.read_parquet(trained.paths.dataset("hm") / "interactions.parquet")
     user = str(log["user_id"].iloc[0])
     common = ["--run-dir", str(trained.run_dir), "--data-dir", str(trained.data_dir), "-d", "hm", "-k", "5"]
     known = runner.invoke(app, ["recommend", "--user", user, *common])
     assert known.exit_code == 0, known.output
-    assert f"top 5 for {user}" in known.output
+    assert f"top 5 for user {user}" in known.output
     anonymous = runner.invoke(app, ["recommend", "--height", "170", "--context", "summer dress", *common])
     assert anonymous.exit_code == 0, anonymous.output
     assert "anonymous" in anonymous.output and "height_cm 170" in anonymous.output
@@ -104,13 +99,13 @@ def test_service_serves_two_tower_and_indexes_new_products_in_its_keys(trained: 
 
     from atelier.serve.app import create_app
     from atelier.serve.service import RecommendService
-    from tests.test_serve_api import API_KEY, product
+    from tests.helpers import API_KEY, product
 
     settings = trained.model_copy(update={"api_key": API_KEY})
     service = RecommendService(settings, warm_up=False)
     try:
         assert service.stage_status["two_tower"] == "registered"
-        log = pd.read_parquet(trained.dataset_dir("hm") / "interactions.parquet")
+        log = pd.read_parquet(trained.paths.dataset("hm") / "interactions.parquet")
         user = str(log["user_id"].iloc[0])
         with TestClient(create_app(settings, service=service)) as client:
             # A known user: content serves first (see PREFERENCE); a body profile alone: the user tower.
@@ -121,12 +116,12 @@ def test_service_serves_two_tower_and_indexes_new_products_in_its_keys(trained: 
             assert profile_only.json()["stage"] == "two_tower" and len(profile_only.json()["items"]) == 5
             # Free-text contexts reach the user tower through an in-memory table: no cache file per request.
             stage = next(st for st in service.stages if st.name == "two_tower")
-            before = sorted((trained.run_dir / "features").glob("minilm-*.npy"))
+            before = sorted((trained.paths.features).glob("minilm-*.npy"))
             assert stage.recommend(StageRequest(k=5, context="linen trousers for a summer wedding"))
-            assert sorted((trained.run_dir / "features").glob("minilm-*.npy")) == before
+            assert sorted((trained.paths.features).glob("minilm-*.npy")) == before
             created = client.post("/items", json=product("tt-new-1"), headers={"X-API-Key": API_KEY})
             assert created.status_code in (200, 201), created.text
-        model_id = two_tower_model_id(trained, "hm")
+        model_id = live_model_id(trained.paths, "hm", "two_tower")
         with open_store(trained, pool_size=1) as store:
             key = store.get_vector(model_id, "tt-new-1")
             assert key.shape == (store.model(model_id).dim,) and key[-1] == 0.0  # no interactions yet: b = 0

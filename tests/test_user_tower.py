@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from atelier.models.item_tower import CheckpointError
+from atelier.models.losses import sampled_softmax
 from atelier.models.user_tower import (
     ProfileStats,
     UserInputs,
@@ -17,17 +18,16 @@ from atelier.models.user_tower import (
     load_user_checkpoint,
     save_user_checkpoint,
 )
+from atelier.recommend.user_tower import UserTowerRecommender, user_inputs_for
 from atelier.recommender import Query
-from atelier.train_user import (
+from atelier.train.user import (
     Examples,
     TrainUserConfig,
-    UserTowerRecommender,
     build_examples,
     example_inputs,
-    sampled_softmax,
     split_by_days,
+    train_user_recommender,
     train_user_tower,
-    user_inputs_for,
 )
 
 N_ITEMS, DIM, H = 60, 16, 5
@@ -235,7 +235,7 @@ def _fitted(tmp_path: Path) -> UserTowerRecommender:
 
 
 def test_recommender_k_distinct_and_exclude_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import atelier.train_user as tu
+    import atelier.recommend.user_tower as tu
 
     monkeypatch.setattr(tu, "encode_texts", lambda texts, cache_dir=None: _fake_encode(list(texts)))
     rec = _fitted(tmp_path)
@@ -267,23 +267,24 @@ def test_basket_history_adds_basket_mates_only() -> None:
     assert got[(2, "c")] == {"a", "b"} and got[(4, "d")] == {"a", "b", "c"}  # and earlier baskets, never later
 
 
-def test_from_training_fits_a_recommender(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import atelier.train_user as tu
+def test_train_user_recommender_fits_a_recommender(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import atelier.recommend.user_tower as inference
+    import atelier.train.user as training
     from atelier.recommender import TrainData
 
-    monkeypatch.setattr(tu, "encode_texts", lambda texts, cache_dir=None: _fake_encode(list(texts)))
+    for module in (inference, training):
+        monkeypatch.setattr(module, "encode_texts", lambda texts, cache_dir=None: _fake_encode(list(texts)))
     log, users, _ = _log()
     ids = list("abcde") + [f"x{i}" for i in range(N_ITEMS - 5)]
     cfg = TrainUserConfig(epochs=1, batch_size=4, n_sampled=8, drop=frozenset({"profile"}))
-    rec = UserTowerRecommender.from_training(TrainData("toy", pd.DataFrame(), log, users, tmp_path), ids, _items(),
-                                             cfg, _cfg())
+    rec = train_user_recommender(TrainData("toy", pd.DataFrame(), log, users, tmp_path), ids, _items(), cfg, _cfg())
     assert rec.name == "two-tower" and rec.drop == {"profile"} and rec.history["val_examples"] > 0
     assert rec.history["config"]["drop"] == ["profile"]
     assert all(len(set(r)) == 5 for r in rec.recommend([Query("u1", history=("a",), context="work")] * 2, 5))
 
 
 def test_log_popularity_overall_and_per_segment_columns() -> None:
-    from atelier.train_user import bias_segments, log_popularity, retrieval_keys
+    from atelier.recommend.user_tower import bias_segments, log_popularity, retrieval_keys
 
     ts = pd.to_datetime(["2020-01-01", "2020-01-09", "2020-01-10", "2020-01-10", "2020-01-10"])
     log = pd.DataFrame({"user_id": list("abcde"), "item_id": ["x", "x", "x", "y", "z"], "ts": ts,

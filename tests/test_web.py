@@ -23,7 +23,7 @@ import uvicorn
 from atelier.config import Settings
 from atelier.serve.app import create_app
 from atelier.serve.service import RecommendService
-from tests.test_serve_api import API_KEY, build_tiny_run
+from tests.helpers import API_KEY, build_tiny_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

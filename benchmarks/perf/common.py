@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from atelier.store.pointers import live_model_id
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
@@ -135,7 +137,7 @@ def link_tree(src: Path, dst: Path) -> None:
 def bench_run_dir(dataset: str = "hm", two_tower: bool = True) -> Path:
     """A run folder with its own embedded PostgreSQL holding ``dataset``'s live index (built once)."""
     from atelier.config import Settings
-    from atelier.content import current_model_id, index_stage
+    from atelier.pipeline.item_tower import index_stage
 
     main = Settings.model_validate({"run_dir": MAIN_RUNS})
     run_dir = BENCH_RUN_DIR
@@ -143,9 +145,9 @@ def bench_run_dir(dataset: str = "hm", two_tower: bool = True) -> Path:
         if (MAIN_RUNS / name).is_dir():
             link_tree(MAIN_RUNS / name, run_dir / name)
     settings = Settings.model_validate({"run_dir": run_dir, "DATABASE_URL": ""})
-    wanted = current_model_id(main, dataset)
+    wanted = live_model_id(main.paths, dataset)
     try:
-        have = current_model_id(settings, dataset)
+        have = live_model_id(settings.paths, dataset)
     except FileNotFoundError:
         have = None
     if have != wanted:
@@ -153,7 +155,7 @@ def bench_run_dir(dataset: str = "hm", two_tower: bool = True) -> Path:
         vectors = MAIN_RUNS / "vectors" / dataset / f"{wanted.rsplit(':', 1)[1]}.npz"
         index_stage(settings, dataset, vectors if vectors.is_file() else None)
     if two_tower and (MAIN_RUNS / "models" / f"user_tower-{dataset}.pt").is_file():
-        from atelier.two_tower import index_user_stage
+        from atelier.pipeline.user_tower import index_user_stage
 
         report = index_user_stage(settings, dataset, force=False)
         if not report.get("reused"):

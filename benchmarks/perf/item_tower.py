@@ -31,14 +31,14 @@ GPU_FILES = ["item_tower-h100-1gpu-2026-11-27.json", "item_tower-h200x2-ddp2-202
 def real_inputs() -> tuple[Any, Any, Any]:
     """The H&M catalogue's tower inputs (cached MiniLM vectors), its vocabulary and the item texts."""
     from atelier.config import Settings
-    from atelier.content import catalogue_inputs, tower_config, vocab_path
     from atelier.ingest import load_tables
+    from atelier.recommend.encoder import catalogue_inputs, tower_config
     from atelier.text import item_texts
     from atelier.vocab import Vocab
 
     settings = Settings.model_validate({"run_dir": MAIN_RUNS})
-    vocab = Vocab.load(vocab_path(settings))
-    items = load_tables(settings.dataset_dir("hm"))[0]
+    vocab = Vocab.load(settings.paths.vocab)
+    items = load_tables(settings.paths.dataset("hm"))[0]
     # the text vectors cached by `atelier run`, read through symlinks: a cache miss writes under
     # the benchmark folder, never into runs/features
     features = BENCH_RUN_DIR / "features"
@@ -56,7 +56,7 @@ def time_steps(inputs: Any, model_cfg: Any, steps: int, batch: int = 512) -> dic
     from atelier.models.item_tower import ItemTower, slice_inputs, stack_inputs
     from atelier.models.losses import info_nce
     from atelier.models.views import make_views
-    from atelier.train import TrainItemConfig, optimizer_step
+    from atelier.train.item import TrainItemConfig, optimizer_step
 
     cfg = TrainItemConfig(batch_size=batch)
     torch.manual_seed(0)
@@ -137,14 +137,13 @@ def run(args: Any) -> Path:
     import torch
 
     from atelier.config import Settings
-    from atelier.content import checkpoint_path
     from atelier.models.item_tower import load_checkpoint
     from atelier.text import encode_texts
 
     res = Result("item_tower")
     torch.set_num_threads(args.threads)
     inputs, model_cfg, texts = real_inputs()
-    model, _ = load_checkpoint(checkpoint_path(Settings.model_validate({"run_dir": MAIN_RUNS}), "hm"))
+    model, _ = load_checkpoint(Settings.model_validate({"run_dir": MAIN_RUNS}).paths.item_tower("hm"))
     sizes: dict[str, Any] = {}
     for n in args.tower_sizes:
         x = inputs if n == len(inputs.tokens) else resample(inputs, n, seed=n)

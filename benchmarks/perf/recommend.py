@@ -42,7 +42,7 @@ def request_bodies(run_dir: Path, n: int, seed: int) -> list[tuple[str, dict[str
 def breakdown(run_dir: Path, n: int = 200, seed: int = 0) -> dict[str, Any]:
     """Per-request time by part, in process (no HTTP), one torch thread."""
     import atelier.serve.service as service_mod
-    import atelier.serve.stages as stages_mod
+    import atelier.recommend.chain as stages_mod
     from atelier.config import Settings
     from atelier.serve.schemas import RecommendRequest
     from atelier.serve.service import RecommendService
@@ -69,7 +69,7 @@ def breakdown(run_dir: Path, n: int = 200, seed: int = 0) -> dict[str, Any]:
             timer.wrap(stage, "context_vector", "context vector (MiniLM + tower)")
         scorer = getattr(stage, "scorer", None)
         if stage.name == "rerank" and scorer is not None:
-            import atelier.rerank as rerank_mod
+            import atelier.recommend.ranker as rerank_mod
 
             # nested: explain and reorder each build features and run the DeepFM
             timer.wrap(scorer, "reorder", "rerank: reorder (features + DeepFM)")

@@ -11,12 +11,15 @@ Pipeline (each stage resumable; artifacts under the run folder, default ./runs):
     serve       the web service and its page (FastAPI + uvicorn)
 
 Exit codes: 0 success, 1 a stage failed (the message says why), 2 bad usage.
+
+Each command imports its stage when it runs, so ``atelier --help`` and a mistyped option answer at once
+instead of first loading torch, DeepCTR and the sentence encoder.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -29,7 +32,6 @@ from rich.table import Table
 from atelier.atomic import write_json
 from atelier.config import Settings, SettingsError, get_settings
 from atelier.ingest import DATASETS, IngestError, IngestResult, ingest
-from atelier.recommender import Query
 
 app = typer.Typer(
     help=__doc__,
@@ -46,6 +48,8 @@ DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="Folder with hm/, rtr/, myntra/ [env: ATELIER_DATA_DIR]")
 ]
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Artifact folder [env: ATELIER_RUN_DIR]")]
+CutOpt = Annotated[str | None, typer.Option(
+    help="First test day YYYY-MM-DD of the evaluation split (default: the dataset's, else its last fifth of days)")]
 
 
 class StageError(RuntimeError):
@@ -104,7 +108,7 @@ def run_ingest(settings: Settings, datasets: list[str], force: bool = False) -> 
             def step(msg: str, name: str = name) -> None:
                 progress.update(task, description=f"{name}: {msg}")
 
-            results.append(ingest(name, data_dir / name, settings.run_dir / "data", force=force, on_step=step))
+            results.append(ingest(name, data_dir / name, settings.paths.data, force=force, on_step=step))
             progress.advance(task)
         progress.update(task, description="done")
     return results
@@ -138,7 +142,7 @@ def ingest_cmd(
     """Read raw catalogues and interactions into normalised Parquet tables with a manifest."""
     settings = _settings(data_dir, run_dir)
     if source is not None:
-        result = _run(lambda: ingest("custom", source, settings.run_dir / "data", force=force))
+        result = _run(lambda: ingest("custom", source, settings.paths.data, force=force))
         print_ingest([result])
         return
     names = dataset or list(DATASETS)
@@ -166,16 +170,16 @@ def run_vocab(settings: Settings, datasets: list[str]) -> tuple[Path, list[dict[
         task = progress.add_task("", total=len(datasets))
         for name in datasets:
             progress.update(task, description=f"{name}: STD values from columns")
-            items_df = load_tables(settings.dataset_dir(name))[0]
+            items_df = load_tables(settings.paths.dataset(name))[0]
             items = column_items(items_df, name, schema)
-            write_items_jsonl(items, settings.run_dir / "items" / f"{name}.columns.jsonl")
+            write_items_jsonl(items, settings.paths.items(name))
             reports.append(coverage_report(items_df, name, schema, items))
             all_items.extend(items)
             progress.advance(task)
         vocab = build_vocab(schema, all_items)
         path = settings.run_dir / "vocab" / "vocab.json"
         vocab.save(path)
-        report_path = settings.run_dir / "reports" / "coverage.json"
+        report_path = settings.paths.reports / "coverage.json"
         write_json(report_path, reports, indent=2)
         progress.update(task, description=f"done: {vocab.std_size} STD ids, version {vocab.version}")
     return path, reports
@@ -201,7 +205,7 @@ def vocab_cmd(
 ) -> None:
     """Map catalogue columns to STD values, report coverage, build the dual vocabulary."""
     settings = _settings(data_dir, run_dir)
-    names = dataset or [n for n in DATASETS if (settings.dataset_dir(n) / "manifest.json").is_file()]
+    names = dataset or [n for n in DATASETS if (settings.paths.dataset(n) / "manifest.json").is_file()]
     if not names:
         err.print("[bold red]error:[/] nothing ingested yet; run `atelier ingest` first")
         raise typer.Exit(1)
@@ -218,7 +222,7 @@ app.add_typer(train_app, name="train")
 
 def run_train_item(settings: Settings, dataset: str, cfg: object) -> tuple[Path, dict[str, object]]:
     """Train the item tower with a bar for the text features and one for the SimCSE steps."""
-    from atelier.content import train_item_stage
+    from atelier.pipeline.item_tower import train_item_stage
 
     with stage_progress(f"train item ({dataset})") as progress:
         text_task = progress.add_task("text features", total=None)
@@ -248,7 +252,7 @@ def train_item_cmd(
     run_dir: RunDirOpt = None,
 ) -> None:
     """Train the item tower with SimCSE on a dataset's whole catalogue (needs ingest + vocab)."""
-    from atelier.train import TrainItemConfig
+    from atelier.train.item import TrainItemConfig
 
     settings = _settings(data_dir, run_dir)
     cfg = TrainItemConfig(epochs=epochs, batch_size=batch_size, lr=lr, device=device,
@@ -260,11 +264,11 @@ def train_item_cmd(
     console.print(f"view alignment@2048: {history['view_alignment@2048']:.3f}\ncheckpoint: {path}")
 
 
-def run_train_user(settings: Settings, dataset: str, cfg: object,
-                   reindex: bool = True) -> tuple[Path, dict[str, object], dict[str, object]]:
+def run_train_user(settings: Settings, dataset: str, cfg: object, reindex: bool = True,
+                   cut: str | None = None) -> tuple[Path, dict[str, object], dict[str, object]]:
     """Train the user tower (one bar for its steps; an identical earlier fit is reused), then load its
     retrieval keys into the store (unless ``reindex`` is off and this checkpoint is indexed already)."""
-    from atelier.two_tower import index_user_stage, train_user_stage
+    from atelier.pipeline.user_tower import index_user_stage, train_user_stage
 
     with stage_progress(f"train user ({dataset})") as progress:
         task = progress.add_task("sampled softmax", total=None)
@@ -272,7 +276,7 @@ def run_train_user(settings: Settings, dataset: str, cfg: object,
         def on_step(step: int, total: int, loss: float) -> None:
             progress.update(task, completed=step, total=total, description=f"sampled softmax loss {loss:.3f}")
 
-        path, history = train_user_stage(settings, dataset, cfg, progress=on_step)  # type: ignore[arg-type]
+        path, history = train_user_stage(settings, dataset, cfg, progress=on_step, cut=cut)  # type: ignore[arg-type]
     with stage_progress(f"index two-tower ({dataset})") as progress:
         index_task = progress.add_task("", total=None)
 
@@ -291,15 +295,16 @@ def train_user_cmd(
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate")] = 1e-3,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     drop: Annotated[list[str] | None, typer.Option(help="Ablation: hide an input (history, context, profile)")] = None,
+    cut: CutOpt = None,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
 ) -> None:
     """Train the user tower against the frozen item vectors (evaluation training window) and index it."""
-    from atelier.train_user import TrainUserConfig
+    from atelier.train.user import TrainUserConfig
 
     settings = _settings(data_dir, run_dir)
     cfg = TrainUserConfig(epochs=epochs, batch_size=batch_size, lr=lr, device=device, drop=frozenset(drop or ()))
-    path, history, report = _run(lambda: run_train_user(settings, dataset, cfg))
+    path, history, report = _run(lambda: run_train_user(settings, dataset, cfg, cut=cut))
     for e in history.get("epochs", []):  # type: ignore[attr-defined]
         console.print(f"epoch {e['epoch']}: loss {e['loss']:.4f}, validation recall@100 {e['val_recall@100']:.4f}, "
                       f"{e['seconds']:.1f} s")
@@ -311,30 +316,32 @@ def train_user_cmd(
 @train_app.command("ranker")
 def train_ranker_cmd(
     dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
-    retriever: Annotated[str, typer.Option(help="Candidate source: content (item-tower kNN) or two-tower")] = "content",
+    retriever: Annotated[str, typer.Option(help="Candidates: content (item-tower kNN), occasion, two-tower")] = (
+        "content"),
     epochs: Annotated[int, typer.Option(help="Passes over the reranker's rows")] = 3,
     max_users: Annotated[int, typer.Option(help="Label-window users sampled for training rows")] = 20000,
     random_init: Annotated[bool, typer.Option(help="Ablation: random embeddings instead of the item tower's")] = False,
     loss: Annotated[str, typer.Option(help="pointwise (per row) or listwise (softmax per user)")] = "pointwise",
     seed: int = 0,
+    cut: CutOpt = None,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
 ) -> None:
     """Train the DeepFM reranker on the retriever's candidates (evaluation training window) and save it."""
     from atelier.models.ranker import RankerConfig
-    from atelier.rerank import RerankTrainConfig
+    from atelier.train.ranker import RerankTrainConfig
 
     settings = _settings(data_dir, run_dir)
     tcfg = RerankTrainConfig(epochs=epochs, max_users=max_users, seed=seed, loss=loss)
     cfg = RankerConfig(0, 0, transfer=not random_init, seed=seed)
-    path, history = _run(lambda: run_train_ranker(settings, dataset, tcfg, cfg, retriever))
+    path, history = _run(lambda: run_train_ranker(settings, dataset, tcfg, cfg, retriever, cut))
     console.print(f"rows: {history['rows']}\nloss: {history['initial_loss']} -> {history['loss']}\nranker: {path}")
 
 
-def run_train_ranker(settings: Settings, dataset: str, tcfg: object, cfg: object,
-                     retriever: str) -> tuple[Path, dict[str, Any]]:
+def run_train_ranker(settings: Settings, dataset: str, tcfg: object, cfg: object, retriever: str,
+                     cut: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Train and save a dataset's reranker behind a progress display (rows, then epochs)."""
-    from atelier.rerank import train_ranker_stage
+    from atelier.pipeline.ranker import train_ranker_stage
 
     with stage_progress(f"train ranker ({dataset}, {retriever} candidates)") as progress:
         task = progress.add_task("building rows from the retriever's top 100", total=None)
@@ -344,95 +351,65 @@ def run_train_ranker(settings: Settings, dataset: str, tcfg: object, cfg: object
             if message.startswith("epoch"):
                 progress.update(task, total=getattr(tcfg, "epochs", None))
 
-        return train_ranker_stage(settings, dataset, tcfg, cfg, retriever, progress=on_message)  # type: ignore[arg-type]
-
-
-def _query_for(settings: Settings, dataset: str, user: str | None, history: list[str],
-               profile: Mapping[str, float | str | None], context: str | None) -> Query:
-    """A harness query from a known user's log and profile, overridden by what the command line gives."""
-    from atelier.ingest import load_tables
-
-    past: list[str] = []
-    known: dict[str, float | str | None] = {}
-    if user is not None:
-        _, interactions, users = load_tables(settings.dataset_dir(dataset))
-        mine = interactions[interactions["user_id"].astype(str) == user].sort_values("ts", kind="stable")
-        row = users[users["user_id"].astype(str) == user]
-        if mine.empty and row.empty:
-            raise ValueError(f"unknown user {user!r} in {dataset}")
-        past = list(dict.fromkeys(mine["item_id"].astype(str)))
-        if not row.empty:
-            known = {k: v for k, v in row.iloc[0].to_dict().items()
-                     if k in ("height_cm", "weight_kg", "age", "body_type") and v == v and v is not None}
-    merged = {**known, **{k: v for k, v in profile.items() if v is not None}}
-    return Query(user_id=user or "anonymous", history=tuple([*past, *history]), profile=merged, context=context)
+        return train_ranker_stage(settings, dataset, tcfg, cfg, retriever,  # type: ignore[arg-type]
+                                  progress=on_message, cut=cut)
 
 
 @app.command("recommend")
 def recommend_cmd(
     dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
-    user: Annotated[str | None, typer.Option(help="A known user id: their history and profile")] = None,
-    item: Annotated[list[str] | None, typer.Option("--item", help="Recent item ids (anonymous shopper)")] = None,
+    user: Annotated[str | None, typer.Option(help="A known user id: their history")] = None,
+    item: Annotated[list[str] | None, typer.Option("--item", help="Recently viewed item ids, oldest first")] = None,
+    cart: Annotated[list[str] | None, typer.Option("--cart", help="Item ids in the cart")] = None,
     height: Annotated[float | None, typer.Option(help="Height in cm")] = None,
     weight: Annotated[float | None, typer.Option(help="Weight in kg")] = None,
-    age: Annotated[float | None, typer.Option(help="Age in years")] = None,
+    age: Annotated[int | None, typer.Option(help="Age in years")] = None,
     body_type: Annotated[str | None, typer.Option(help="Body type, e.g. hourglass, athletic")] = None,
     context: Annotated[str | None, typer.Option(help="Occasion or intent, e.g. 'wedding'")] = None,
     k: Annotated[int, typer.Option("-k", min=1, max=100)] = 12,
-    exclude_history: Annotated[bool, typer.Option(help="Leave out items the shopper already has")] = False,
-    rerank: Annotated[bool, typer.Option(help="Reorder the top 100 with the DeepFM reranker if trained")] = True,
+    exclude_history: Annotated[bool, typer.Option(help="Leave out items the shopper already has or holds")] = True,
+    rerank: Annotated[bool, typer.Option(help="Keep the reranker first in the chain (if one is trained)")] = True,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
 ) -> None:
-    """Three stages for a known user or an anonymous shopper (profile, context, items): the user tower's top
-    100 from pgvector, reordered by the DeepFM reranker (`atelier train ranker`), cut to k, with why."""
-    from atelier.rerank import field_label, load_scorer, ranker_path
-    from atelier.store import describe_hits, open_store
-    from atelier.two_tower import retrieve, serving_retriever, two_tower_model_id
+    """What `atelier serve` answers to POST /recommend for this shopper: the same request, the same stage
+    chain (reranker over retrieval, then the other stages), each item with its stage and why."""
+    from atelier.serve.schemas import Profile, RecommendRequest
+    from atelier.serve.service import RecommendService
 
-    settings = _settings(data_dir, run_dir)
+    settings = _settings(data_dir, run_dir).model_copy(update={"serve_dataset": dataset})
     profile = {"height_cm": height, "weight_kg": weight, "age": age, "body_type": body_type}
-    query = _run(lambda: _query_for(settings, dataset, user, list(item or []), profile, context))
-    use_ranker = rerank and ranker_path(settings, dataset).is_file()
 
-    def answer() -> tuple[list[dict[str, object]], dict[str, str]]:
-        from atelier.datasets import load_current
+    def answer() -> tuple[RecommendRequest, Any]:
+        request = RecommendRequest(
+            user_id=user, recent_item_ids=list(item or []), cart=list(cart or []), context=context, k=k,
+            profile=Profile.model_validate(profile) if any(v is not None for v in profile.values()) else None,
+            exclude_seen=exclude_history)
+        service = RecommendService(settings, warm_up=False)
+        try:
+            if user is not None and user not in service.shop.histories:
+                raise ValueError(f"unknown user {user!r} in {dataset}")
+            if not rerank:
+                service.stages = [s for s in service.stages if s.name != "rerank"]
+            return request, service.recommend(request)
+        finally:
+            service.close()
 
-        model_id = two_tower_model_id(settings, dataset)
-        data = load_current(dataset, settings.dataset_dir(dataset), settings.run_dir / "features")
-        retriever = serving_retriever(settings, dataset, data)  # the tables read once for both stages
-        with open_store(settings, pool_size=1) as store:
-            hits = retrieve(store, model_id, retriever, query, max(k, 100) if use_ranker else k,
-                            exclude_history=exclude_history)
-            why: dict[str, str] = {}
-            if use_ranker:
-                scorer, _ = load_scorer(settings, dataset, data)
-                order = scorer.reorder(query, [i for i, _ in hits])[:k]
-                hits = [(i, p if p is not None else float("nan")) for i, p in order]
-                scored = {i: p for i, p in order if p is not None}
-                for e in scorer.explain(query, list(scored), scores=scored):
-                    matches = ", ".join(e["matches"]["history"][:3])
-                    pairs = ", ".join(f"{field_label(u)} x {field_label(i)}" for u, i, _ in e["top_pairs"][:2])
-                    why[e["item_id"]] = "; ".join(p for p in (f"shares {matches}" if matches else "",
-                                                              "bought before" if e["matches"]["repurchase"] else "",
-                                                              pairs) if p)
-            return describe_hits(store, hits), why
-
-    rows, why = _run(answer)
-    parts = [f"{len(query.history)} items" if query.history else "",
-             ", ".join(f"{key} {v}" for key, v in query.profile.items()), f"context '{context}'" if context else ""]
-    known = "; ".join(p for p in parts if p) or "nothing known"
-    stages = "two-tower -> DeepFM" if use_ranker else "two-tower"
-    table = Table(title=f"{stages} top {k} for {query.user_id} ({known})")
-    columns = ("item_id", "score", "title", "category", "color", "gender") + (("why",) if use_ranker else ())
-    for col in columns:
+    request, response = _run(answer)
+    given = [f"user {user}" if user else "anonymous", f"{len(request.recent_item_ids)} recent items" if item else "",
+             f"a cart of {len(request.cart)}" if cart else "",
+             ", ".join(f"{key} {v}" for key, v in profile.items() if v is not None),
+             f"context '{context}'" if context else ""]
+    served = " -> ".join(dict.fromkeys(r.stage for r in response.items)) or "nothing"
+    table = Table(title=f"top {len(response.items)} for {'; '.join(g for g in given if g)} ({served})")
+    for col in ("item_id", "score", "title", "stage", "why"):
         table.add_column(col)
-    for h in rows:
-        table.add_row(str(h["item_id"]), f"{h['score']:.3f}", str(h["title"]), str(h["category"]), str(h["color"]),
-                      str(h["gender"]), *([why.get(str(h["item_id"]), "")] if use_ranker else []))
+    for rec in response.items:
+        table.add_row(rec.item_id, "" if rec.score is None else f"{rec.score:.3f}", rec.title, rec.stage,
+                      rec.explanation.reason)
     console.print(table)
-    if rerank and not use_ranker:
-        console.print(f"(no reranker for {dataset}: `atelier train ranker -d {dataset}` adds the third stage)")
+    for note in response.notes:
+        console.print(f"note: {note}")
 
 
 @app.command("encode")
@@ -443,7 +420,7 @@ def encode_cmd(
     run_dir: RunDirOpt = None,
 ) -> None:
     """Write every item's vector (with ids and the checkpoint id) for the store."""
-    from atelier.content import encode_stage, neighbour_report
+    from atelier.pipeline.item_tower import encode_stage, neighbour_report
 
     settings = _settings(data_dir, run_dir)
     with stage_progress(f"encode {dataset}") as progress:
@@ -458,7 +435,7 @@ def encode_cmd(
 
 def run_index(settings: Settings, dataset: str, vectors: Path | None = None) -> dict[str, object]:
     """Load item vectors into pgvector with a bar per phase (copy, index, probe)."""
-    from atelier.content import index_stage
+    from atelier.pipeline.item_tower import index_stage
 
     with stage_progress(f"index {dataset}") as progress:
         tasks: dict[str, object] = {}
@@ -506,11 +483,11 @@ def similar_cmd(
     run_dir: RunDirOpt = None,
 ) -> None:
     """The k nearest items to ITEM_ID by item-tower vector, with their key attributes."""
-    from atelier.content import current_model_id
     from atelier.store import similar
+    from atelier.store.pointers import live_model_id
 
     settings = _settings(data_dir, run_dir)
-    hits = _run(lambda: similar(settings, current_model_id(settings, dataset), item_id, k,
+    hits = _run(lambda: similar(settings, live_model_id(settings.paths, dataset), item_id, k,
                                 dedupe_groups=not colourways))
     table = Table(title=f"items like {item_id}")
     for col in ("item_id", "score", "title", "category", "color", "gender"):
@@ -531,7 +508,8 @@ def run_evaluate(
     test_file: Path | None = None, max_users: int | None = None, ablations: bool = False,
 ) -> tuple[dict[str, object], Path]:
     """Fit and score the baselines (and any trained models) on one dataset; write the report."""
-    from atelier.evaluate import evaluate, model_suite, write_report
+    from atelier.evaluate import evaluate, write_report
+    from atelier.pipeline.suites import model_suite
 
     suite = model_suite(settings, dataset, models, ablations=ablations)
     with stage_progress(f"evaluate {dataset}") as progress:
@@ -540,10 +518,10 @@ def run_evaluate(
         def on_model(name: str) -> None:
             progress.update(task, description=name, completed=[r.name for r in suite].index(name))
 
-        report = evaluate(dataset, settings.dataset_dir(dataset), suite, settings.run_dir / "features",
+        report = evaluate(dataset, settings.paths.dataset(dataset), suite, settings.paths.features,
                           cut=cut, test_file=test_file, max_users=max_users, on_model=on_model)
         progress.update(task, description="done", completed=len(suite))
-    return report, write_report(report, settings.run_dir / "reports")
+    return report, write_report(report, settings.paths.reports)
 
 
 def file_result(settings: Settings, report: dict[str, object], kind: str) -> Path:
@@ -595,7 +573,7 @@ def print_report(report: dict[str, object]) -> None:
 def evaluate_cmd(
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="hm or rtr")] = "hm",
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only these models (repeat)")] = None,
-    cut: Annotated[str | None, typer.Option(help="First test day, YYYY-MM-DD (default per dataset)")] = None,
+    cut: CutOpt = None,
     test_file: Annotated[Path | None, typer.Option(help="Interactions to test on, in the dataset's format")] = None,
     max_users: Annotated[int | None, typer.Option(help="Score a seeded sample of test users")] = None,
     ablations: Annotated[bool, typer.Option(help="Also the two-tower retriever without each input")] = False,
@@ -627,7 +605,7 @@ def enrich_cmd(
     from atelier.enrich import EnrichOptions, enrich_dataset, get_extractor
 
     settings = _settings(data_dir, run_dir)
-    if not (settings.dataset_dir(dataset) / "manifest.json").is_file():
+    if not (settings.paths.dataset(dataset) / "manifest.json").is_file():
         err.print(f"[bold red]error:[/] {dataset!r} is not ingested; run `atelier ingest -d {dataset}` first")
         raise typer.Exit(1)
     extractor = _run(lambda: get_extractor(backend or settings.llm_backend, settings))
@@ -706,58 +684,73 @@ def serve_cmd(
 
 @app.command("run")
 def run_cmd(
+    source: Annotated[Path | None, typer.Option(help="A column-mapping TOML: run on that catalogue instead")] = None,
     force: Annotated[bool, typer.Option(help="Redo cached steps")] = False,
     tower_epochs: Annotated[int, typer.Option(help="SimCSE epochs for the item tower on CPU")] = 2,
     max_users: Annotated[int | None, typer.Option(help="Score a seeded sample of test users")] = None,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
 ) -> None:
-    """The whole pipeline as far as it exists, on embedded defaults; ends with the evaluation table."""
+    """The whole pipeline on the shared data (or the catalogue of --source) as far as each dataset's data
+    allows, on embedded defaults; ends with the evaluation tables and how to open the web page.
+
+    Per dataset (``atelier.datasets.rules_for``): ingest, vocabulary, its own item tower (train, encode,
+    index) or a borrowed one, and with interactions on two days or more the user tower, the reranker and
+    the evaluation on its default split (the dataset's cut, else the last fifth of its days)."""
+    from atelier.datasets import rules_for
+    from atelier.ingest import load_tables
+    from atelier.pipeline.item_tower import encode_stage, neighbour_report
+    from atelier.train.item import TrainItemConfig
+    from atelier.train.ranker import RerankTrainConfig
+    from atelier.train.user import TrainUserConfig
+
     settings = _settings(data_dir, run_dir)
-    data = _run(settings.require_data_dir)
-    names = [n for n in DATASETS if (data / n).is_dir()]
-    results = _run(lambda: run_ingest(settings, names, force))
+    if source is not None:
+        results = [_run(lambda: ingest("custom", source, settings.paths.data, force=force))]
+    else:
+        data = _run(settings.require_data_dir)
+        results = _run(lambda: run_ingest(settings, [n for n in DATASETS if (data / n).is_dir()], force))
     print_ingest(results)
+    names = [r.dataset for r in results]
     _, reports = _run(lambda: run_vocab(settings, names))
     print_coverage(reports)
-    if "hm" in names:
-        from atelier.content import checkpoint_path, encode_stage, neighbour_report
-        from atelier.train import TrainItemConfig
-
-        if force or not checkpoint_path(settings, "hm").is_file():
-            _, history = _run(lambda: run_train_item(settings, "hm", TrainItemConfig(epochs=tower_epochs)))
-            console.print(f"item tower: {history['epochs'][-1]}")  # type: ignore[index]
-        with stage_progress("encode hm") as progress:
+    for name in names:
+        if not rules_for(name).own_item_tower:
+            continue
+        if force or not settings.paths.item_tower(name).is_file():
+            _, history = _run(lambda name=name: run_train_item(  # type: ignore[misc]
+                settings, name, TrainItemConfig(epochs=tower_epochs)))
+            console.print(f"item tower {name}: {history['epochs'][-1]}")  # type: ignore[index]
+        with stage_progress(f"encode {name}") as progress:
             progress.add_task("item vectors", total=None)
-            vectors = _run(lambda: encode_stage(settings, "hm"))
-            _run(lambda: neighbour_report(settings, "hm", vectors))
-        print_index(_run(lambda: run_index(settings, "hm")))
-    from atelier.train_user import TrainUserConfig
-
-    for name in ("hm", "rtr"):
-        if name in names:
-            _, user_history, user_index = _run(
-                lambda name=name: run_train_user(settings, name, TrainUserConfig(), reindex=force))  # type: ignore[misc]
-            console.print(f"user tower {name}: best epoch {user_history.get('best_epoch')}, validation recall@100 "
-                          f"{user_history.get('best_val_recall@100', float('nan')):.4f}; "
-                          f"store {user_index['model_id']}")
-    from atelier.rerank import RerankTrainConfig, ranker_path
-
-    for name, retriever in (("hm", "content"), ("rtr", "occasion")):  # each dataset's best measured retriever
-        if name in names and (force or not ranker_path(settings, name).is_file()):
-            _, ranker_history = _run(lambda name=name, retriever=retriever: run_train_ranker(  # type: ignore[misc]
-                settings, name, RerankTrainConfig(), None, retriever))
+            vectors = _run(lambda name=name: encode_stage(settings, name))  # type: ignore[misc]
+            _run(lambda name=name, vectors=vectors: neighbour_report(settings, name, vectors))  # type: ignore[misc]
+        print_index(_run(lambda name=name: run_index(settings, name)))  # type: ignore[misc]
+    evaluated = []
+    for name in names:
+        rules = rules_for(name)
+        log = load_tables(settings.paths.dataset(name))[1]
+        if not rules.train_in_run or log["ts"].dt.normalize().nunique() < 2:
+            continue  # a catalogue without a log to learn from: similar items and search only
+        _, user_history, user_index = _run(lambda name=name: run_train_user(  # type: ignore[misc]
+            settings, name, TrainUserConfig(), reindex=force))
+        console.print(f"user tower {name}: best epoch {user_history.get('best_epoch')}, validation recall@100 "
+                      f"{user_history.get('best_val_recall@100', float('nan')):.4f}; store {user_index['model_id']}")
+        if force or not settings.paths.ranker(name).is_file():
+            _, ranker_history = _run(lambda name=name, rules=rules: run_train_ranker(  # type: ignore[misc]
+                settings, name, RerankTrainConfig(), None, rules.ranker_retriever))
             console.print(f"ranker {name}: {ranker_history['rows']['positives']:,} positives in "
                           f"{ranker_history['rows']['rows']:,} rows, loss {ranker_history['loss'][-1]:.4f}")
-    for name in ("hm", "rtr"):
-        if name in names:
-            report, path = _run(lambda name=name: run_evaluate(settings, name, max_users=max_users))  # type: ignore[misc]
-            print_report(report)
-            console.print(f"report: {path}\nresult file: {file_result(settings, report, 'main-job')}")
+        evaluated.append(name)
+    for name in evaluated:
+        report, path = _run(lambda name=name: run_evaluate(settings, name, max_users=max_users))  # type: ignore[misc]
+        print_report(report)
+        filed = "" if source is not None else f"\nresult file: {file_result(settings, report, 'main-job')}"
+        console.print(f"report: {path}{filed}")
+    shown = next((n for n in names if settings.paths.index_pointer(n).is_file()), names[0])
     console.print(
-        "[bold]done.[/] Reports and plots are in "
-        f"{settings.run_dir / 'reports'}. Try `atelier similar 0108775015` for neighbours from pgvector. "
-        "The web page: run `atelier serve`, then open http://127.0.0.1:8000"
+        f"[bold]done.[/] Reports and plots are in {settings.paths.reports}. Try `atelier similar ITEM_ID -d {shown}` "
+        f"for neighbours from pgvector. The web page: run `atelier serve -d {shown}`, then open http://127.0.0.1:8000"
     )
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from atelier.paths import RunPaths
+
 
 class SettingsError(RuntimeError):
     """A setting is missing or wrong; the message names the setting and how to set it."""
@@ -95,9 +97,14 @@ class Settings(BaseSettings):
         """The folder of dated result files (``results_dir``, else ``<run_dir>/results``)."""
         return self.results_dir if self.results_dir is not None else self.run_dir / "results"
 
+    @property
+    def paths(self) -> RunPaths:
+        """Every artifact path under ``run_dir`` (``atelier.paths``)."""
+        return RunPaths(self.run_dir)
+
     def dataset_dir(self, dataset: str) -> Path:
-        """Where the ingested Parquet files of one dataset live."""
-        return self.run_dir / "data" / dataset
+        """Where the ingested Parquet files of one dataset live (``paths.dataset``)."""
+        return self.paths.dataset(dataset)
 
 
 @lru_cache(maxsize=1)

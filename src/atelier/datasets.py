@@ -26,9 +26,57 @@ import pandas as pd
 from atelier.ingest import PROFILE_COLUMNS, load_tables, read_interactions_file
 from atelier.recommender import Query, TrainData
 
-DEFAULT_CUTS = {"hm": "2020-09-19", "rtr": "2017-08-01"}
-POPULARITY_WINDOW_DAYS = {"hm": 3.0, "rtr": 90.0}  # H&M: the design's 3 days; RTR rentals are sparse
 PROFILE_FIELDS = ("height_cm", "weight_kg", "age", "body_type")
+TEST_SHARE = 0.2  # a catalogue with no default cut tests on the last fifth of its days
+
+
+@dataclass(frozen=True)
+class DatasetRules:
+    """What differs between catalogues, in one place; the defaults suit any catalogue with a log."""
+
+    cut: str | None = None  # first test day of the default split; None: the last TEST_SHARE of the log's days
+    popularity_days: float = 7.0  # window of the popularity lists (and of popularity features)
+    label_days: float = 7.0  # the ranker's label period at the end of a training window
+    rebuy: bool = False  # shoppers buy the same items again: own purchases lead the rule set
+    occasion_rule: bool = False  # the rule set is popularity within the stated occasion (rentals)
+    raw_re_columns: tuple[str, ...] = ()  # catalogue columns the STD schema lacks, hashed into the ranker's RE field
+    ranker_retriever: str = "content"  # the candidates `atelier run` trains the ranker on
+    own_item_tower: bool = True  # `atelier run` trains one on this catalogue (else it borrows another dataset's)
+    train_in_run: bool = True  # `atelier run` trains and evaluates its models when it has interactions
+
+
+RULES: dict[str, DatasetRules] = {
+    # H&M: train 09-16..18, test 09-19..20; the design's 3-day popularity; one label day leaves two of
+    # history; shoppers re-buy; the columns the schema does not cover still tell the ranker something.
+    "hm": DatasetRules(cut="2020-09-19", popularity_days=3.0, label_days=1.0, rebuy=True,
+                       raw_re_columns=("product_type_name", "department_name", "section_name", "garment_group_name",
+                                       "graphical_appearance_name", "perceived_colour_value_name"),
+                       ranker_retriever="content"),
+    # RentTheRunway: rentals are sparse (90-day windows); renters rarely rent an item twice but say the occasion.
+    # Its items are known only by the category renters gave, so it borrows H&M's item tower (shared vocabulary).
+    "rtr": DatasetRules(cut="2017-08-01", popularity_days=90.0, label_days=90.0, occasion_rule=True,
+                        ranker_retriever="occasion", own_item_tower=False),
+    # Labelled titles for the extraction benchmark; no interactions, nothing to recommend.
+    "myntra": DatasetRules(own_item_tower=False, train_in_run=False),
+}
+
+
+def rules_for(dataset: str) -> DatasetRules:
+    """The rules of a dataset (the defaults for a catalogue without its own)."""
+    return RULES.get(dataset, DatasetRules())
+
+
+def default_cut(dataset: str, interactions: pd.DataFrame) -> pd.Timestamp:
+    """The first test day: the dataset's own, else the day that leaves the last ``TEST_SHARE`` of the log's
+    distinct days for testing (at least one day on each side)."""
+    own = rules_for(dataset).cut
+    if own is not None:
+        return pd.Timestamp(own)
+    days = np.sort(interactions["ts"].dt.normalize().unique())
+    if len(days) < 2:
+        raise EvaluationError(f"{dataset!r} has interactions on {len(days)} day(s): no split is possible")
+    n_test = min(len(days) - 1, max(1, round(TEST_SHARE * len(days))))
+    return pd.Timestamp(days[len(days) - n_test])
 
 
 class EvaluationError(ValueError):
@@ -58,10 +106,10 @@ class Split:
 
 
 def time_split(dataset: str, interactions: pd.DataFrame, cut: str | None = None) -> Split:
-    """Train before ``cut`` (a YYYY-MM-DD day; the dataset default when None), test from it on."""
-    if cut is None and dataset not in DEFAULT_CUTS:
-        raise EvaluationError(f"no default cut for {dataset!r}; pass --cut YYYY-MM-DD")
-    day = pd.Timestamp(cut or DEFAULT_CUTS[dataset])
+    """Train before ``cut`` (a YYYY-MM-DD day; the dataset's default cut when None), test from it on."""
+    if interactions.empty:
+        raise EvaluationError(f"{dataset!r} has no interactions to split")
+    day = pd.Timestamp(cut) if cut is not None else default_cut(dataset, interactions)
     train = interactions[interactions["ts"] < day]
     test = interactions[interactions["ts"] >= day]
     if test.empty or train.empty:

@@ -28,26 +28,25 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from atelier.atomic import atomic_write, write_json
 from atelier.datasets import (
-    POPULARITY_WINDOW_DAYS,
     EvaluationError,
     Split,
     build_queries,
     cart_queries,
     file_split,
+    rules_for,
     time_split,
     train_data,
 )
 from atelier.ingest import IngestError, load_manifest, load_tables
 from atelier.metrics import cold_item_recall, coverage, score_users, summarise
-from atelier.recommender import Query, Recommender, RepurchaseFirst, TrainData
-from atelier.sources import CandidateSource, rule_sources
+from atelier.recommend.sources import CandidateSource, rule_sources
+from atelier.recommender import Query, Recommender, TrainData
 
 KS = (12, 100)
 SOURCE_KS = (50, 100, 200)  # per-source recall cut-offs
@@ -154,7 +153,7 @@ def evaluate(
     cold_items = set(map(str, split.test["item_id"])) - set(map(str, split.train["item_id"]))
     data = train_data(split, items, users, cache_dir)
     manifest = load_manifest(data_dir) or {}
-    window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
+    window = rules_for(dataset).popularity_days
     with_history = [q for q in queries if q.history]
     without = [q for q in queries if not q.history]
     report: dict[str, object] = {
@@ -257,87 +256,6 @@ def plot_report(report: dict[str, object], out_dir: Path) -> list[Path]:
     return paths
 
 
-def model_suite(settings: Any, dataset: str, names: Sequence[str] | None = None,
-                ablations: bool = False) -> list[Recommender]:
-    """Baselines plus every trained stage of a dataset found in the run folder, in report order
-    (with ``ablations``, the two-tower retriever once more per removed input)."""
-    suite = baseline_suite(dataset)
-    from atelier.content import ItemTowerRecommender, checkpoint_path, file_id
-    from atelier.two_tower import two_tower_suite, user_checkpoint_path
-
-    window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
-    checkpoint = checkpoint_path(settings, dataset)
-    content: tuple[Path, Path] | None = None
-    if checkpoint.is_file():
-        encoded = settings.run_dir / "vectors" / dataset / f"{file_id(checkpoint)}.npz"
-        if (settings.run_dir / "index" / f"{dataset}.json").is_file():  # served: its vectors are indexed
-            content = (checkpoint, encoded)
-        suite.append(ItemTowerRecommender(checkpoint, window_days=window, vectors_file=encoded))
-    if user_checkpoint_path(settings, dataset).is_file():
-        # The harness refits on its own training window; `atelier train user` left the fit in the cache.
-        suite += two_tower_suite(settings, dataset, ablations=ablations)
-    from atelier.rerank import rerank_suite
-    from atelier.serve.harness import ServedChain
-    from atelier.two_tower import TwoTowerRecommender
-
-    suite += rerank_suite(settings, dataset)  # only once `atelier train ranker` has saved one
-    two_tower = next((r for r in suite if isinstance(r, TwoTowerRecommender)), None)
-    rerank = next((r for r in suite if r.name.startswith("rerank")), None)
-    suite.append(ServedChain(window, content=content, two_tower=two_tower, rerank=rerank))
-    return _select(suite, names)
 
 
-def _select(suite: list[Recommender], names: Sequence[str] | None) -> list[Recommender]:
-    if names is None:
-        return suite
-    known = {r.name: r for r in suite}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise EvaluationError(f"unknown model(s) {unknown}; choose from {list(known)}")
-    chosen = [known[n] for n in names]
-    for rec in chosen:
-        # A shared wrapper whose base is not in the run must fit its base itself.
-        if isinstance(rec, RepurchaseFirst) and rec.base not in chosen:
-            rec.shared = False
-        if rec.name == "atelier" and any(part is not None and part not in chosen
-                                         for part in (getattr(rec, "two_tower", None), getattr(rec, "rerank", None))):
-            rec.shared = False  # type: ignore[attr-defined]
-    return chosen
-
-
-def baseline_suite(dataset: str, names: Sequence[str] | None = None) -> list[Recommender]:
-    """The baselines of a dataset, in report order (all of them when ``names`` is None)."""
-    from atelier.baselines import (
-        PopularityRecommender,
-        RandomRecommender,
-        RepurchaseRecommender,
-        SegmentPopularityRecommender,
-        TextKNNRecommender,
-    )
-    from atelier.sources import RulesRecommender
-
-    window = POPULARITY_WINDOW_DAYS.get(dataset, 7.0)
-    # The strongest simple baseline: H&M shoppers re-buy, so own items, colourways, co-purchases, popularity;
-    # RentTheRunway renters rarely rent an item twice, so there the rule is popularity within the occasion.
-    rules: Recommender = (SegmentPopularityRecommender("context", window, name="rules") if dataset == "rtr"
-                          else RulesRecommender(window))
-    suite: list[Recommender] = [
-        RandomRecommender(),
-        PopularityRecommender(window),
-        RepurchaseRecommender(window),
-        rules,
-        TextKNNRecommender(window),
-    ]
-    if dataset == "rtr":
-        suite.append(SegmentPopularityRecommender("profile", window))
-    try:
-        from atelier.lightfm_peer import LightFMRecommender
-    except ImportError:  # lightfm is optional: it needs a compiler to install
-        pass
-    else:
-        lightfm = LightFMRecommender(window_days=window)
-        suite += [lightfm, RepurchaseFirst(lightfm, shared=True)]
-    return _select(suite, names)
-
-
-__all__ = ["EvaluationError", "IngestError", "Split", "baseline_suite", "evaluate", "model_suite", "write_report"]
+__all__ = ["EvaluationError", "IngestError", "Split", "evaluate", "write_report"]

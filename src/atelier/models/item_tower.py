@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from atelier.atomic import atomic_write
-from atelier.vocab import ItemTokens
+from atelier.vocab import ItemTokens, tensorise
 
 CHECKPOINT_FORMAT = 1
 
@@ -174,7 +174,6 @@ def item_inputs(items: Any, vocab: Any, text: Any, max_std: int = 32, max_re: in
 
     An all-zero text vector (an item with no text) is masked out.
     """
-    from atelier.vocab import tensorise
 
     tokens = tensorise(items, vocab, max_std=max_std, max_re=max_re)
     text_t = torch.as_tensor(text, dtype=torch.float32)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from atelier.atomic import atomic_write
+from atelier.models.item_tower import CheckpointError, read_payload
 
 RANKER_FORMAT = 1
 
@@ -177,7 +178,6 @@ def save_ranker(model: Any, cfg: RankerConfig, path: Path, extra: dict[str, Any]
 
 def load_ranker(path: Path) -> tuple[Any, RankerConfig, dict[str, Any]]:
     """Rebuild the ranker from its checkpoint alone: model (eval mode), config, payload."""
-    from atelier.models.item_tower import CheckpointError, read_payload
 
     payload = read_payload(path, "ranker", RANKER_FORMAT)
     raw = dict(payload["config"])

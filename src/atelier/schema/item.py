@@ -6,8 +6,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from atelier.schema.spec import UNKNOWN, normalise_text
+
 if TYPE_CHECKING:
-    from atelier.schema import Schema
+    from atelier.schema.spec import Schema
 
 RE_MAX_CHARS = 60  # an RE value is a short phrase; longer text is a sign the LLM rambled
 RE_MAX_VALUES = 8  # per field; more is noise for the item tower
@@ -51,7 +53,6 @@ def normalise_item(item: ItemJSON, schema: Schema) -> tuple[ItemJSON, list[str]]
     Returns the normalised item and a list of human-readable issues (unknown fields, values that
     fell to ``unknown``, over-long phrases), so callers can count and report them.
     """
-    from atelier.schema import UNKNOWN, normalise_text
 
     issues: list[str] = []
     clothes: dict[str, list[str]] = {}

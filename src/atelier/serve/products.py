@@ -14,21 +14,16 @@ lands in the same space as the indexed catalogue and is recommendable as soon as
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol
 
-import numpy as np
 import pandas as pd
 
 from atelier.catalogue import column_items
 from atelier.config import Settings
-from atelier.models.item_tower import encode_items, item_inputs, load_checkpoint
+from atelier.enrich import enrich_product, get_extractor
 from atelier.schema import ItemJSON, Service, load_schema
 from atelier.serve.schemas import ProductIn
-from atelier.text import encode_texts, item_texts
-from atelier.vocab import Vocab
 
 
 class EnrichError(RuntimeError):
@@ -77,7 +72,6 @@ class LLMEnricher:
     502 and stores nothing)."""
 
     def __init__(self, dataset: str, settings: Settings) -> None:
-        from atelier.enrich import get_extractor
 
         self.columns = ColumnEnricher(dataset)
         self.extractor = get_extractor(settings.llm_backend, settings)
@@ -85,7 +79,6 @@ class LLMEnricher:
 
     def __call__(self, product: ProductIn) -> ItemJSON:
         """Column facts as the extractor's known values, the shop fields as its service fields."""
-        from atelier.enrich import enrich_product
 
         base = self.columns(product)
         raw = {"item_id": product.item_id, "title": product.title, "description": product.description,
@@ -116,28 +109,5 @@ def make_enricher(name: str, dataset: str, settings: Settings) -> Enricher:
     return factory(dataset, settings)
 
 
-class ItemEncoder:
-    """The item tower of a checkpoint plus the MiniLM text encoder: item JSON -> unit vectors."""
 
-    def __init__(self, checkpoint: Path) -> None:
-        self.checkpoint = checkpoint
-        self.model, payload = load_checkpoint(checkpoint)
-        self.vocab = Vocab.from_dict(payload["vocab"])
-        self.dim = int(self.model.config.out_dim)
-        # One request at a time through the models: both are CPU-bound and torch already uses
-        # every core, so concurrent calls would only contend (and MiniLM is not documented as
-        # thread-safe).
-        self._lock = threading.Lock()
 
-    def encode(self, items: Sequence[ItemJSON]) -> np.ndarray:
-        """(len(items), dim) float32 unit vectors, as ``atelier encode`` computes them."""
-        texts = item_texts([i.service.title for i in items], [i.service.description for i in items])
-        with self._lock:
-            text = encode_texts(texts)  # (n, 384); no disk cache: one-off texts
-            vectors: np.ndarray = encode_items(self.model, item_inputs(items, self.vocab, text))
-        assert vectors.shape == (len(items), self.dim), f"encoder returned {vectors.shape}"
-        return vectors
-
-    def warm_up(self) -> None:
-        """Load MiniLM and run the tower once, so the first request does not pay for it."""
-        self.encode([ItemJSON(item_id="warm-up", service=Service(title="warm up"))])

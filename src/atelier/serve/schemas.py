@@ -7,7 +7,7 @@ normalised (synonyms such as "dress" become "04onepiece_01dress").
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
@@ -194,6 +194,15 @@ class Item(BaseModel):
     group_id: str | None = None
     attributes: dict[str, list[str]] = Field(default_factory=dict)
     re_attributes: dict[str, list[str]] = Field(default_factory=dict)
+
+    @classmethod
+    def stored(cls, item_id: str, item: dict[str, Any] | None) -> Item:
+        """The API view of a stored item JSON (an id-only placeholder row gives an empty item)."""
+        item = item or {}
+        service = item.get("service") or {}
+        return cls(item_id=item_id, title=service.get("title") or "", description=service.get("description") or "",
+                   price=service.get("price"), group_id=service.get("group_id"), attributes=item.get("clothes") or {},
+                   re_attributes=item.get("reinforced_feature_value") or {})
 
 
 class ItemPage(BaseModel):

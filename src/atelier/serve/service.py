@@ -1,4 +1,4 @@
-"""The service object behind the routes: store, catalogue tables, loaded models, cached popular list.
+"""The service object behind the routes: store, shop state (histories, popular lists), loaded models.
 
 Built once per process (``RecommendService.from_settings``). It survives a missing or unreachable
 store: the popular list and the items it shows are cached in memory at start-up, so
@@ -21,14 +21,17 @@ import numpy as np
 import pandas as pd
 import psycopg
 
-from atelier.baselines import profile_keys
 from atelier.config import Settings
-from atelier.datasets import POPULARITY_WINDOW_DAYS, current_data  # the served fallback is the evaluated one
+from atelier.datasets import current_data, rules_for
+from atelier.ingest import load_tables
+from atelier.models.item_tower import CheckpointError
+from atelier.recommend.baselines import profile_keys
+from atelier.recommend.chain import PopularLists, Stage, TwoTowerStage, popular_lists, run_chain, stage_request
+from atelier.recommend.encoder import ItemEncoder, file_id
 from atelier.schema import ItemJSON, load_schema
 from atelier.schema.item import normalise_item
-from atelier.serve.catalogue import to_item
-from atelier.serve.explain import attribute_sets, explain
-from atelier.serve.products import Enricher, ItemEncoder, make_enricher
+from atelier.serve.explain import attribute_sets, explain, label
+from atelier.serve.products import Enricher, make_enricher
 from atelier.serve.schemas import (
     IngestResponse,
     Item,
@@ -43,17 +46,9 @@ from atelier.serve.schemas import (
     SimilarResponse,
     StageReport,
 )
-from atelier.serve.stages import (
-    PopularLists,
-    Stage,
-    StageContext,
-    TwoTowerStage,
-    build_chain,
-    popular_lists,
-    run_chain,
-    stage_request,
-)
-from atelier.store import SearchFilters, StoreError, VectorStore, fetch_items, open_store, search_items
+from atelier.serve.stages import StageContext, build_chain
+from atelier.store import SearchFilters, StoreError, VectorStore, fetch_items, open_store, search_items, start_embedded
+from atelier.store.pointers import live_model_id
 
 log = logging.getLogger("atelier.serve")
 
@@ -78,7 +73,7 @@ class ServiceError(Exception):
 
 
 @dataclass
-class Catalogue:
+class ShopState:
     """What the service keeps from the ingested tables: user histories and popular lists."""
 
     dataset: str
@@ -88,17 +83,17 @@ class Catalogue:
     n_items: int = 0
 
 
-def load_catalogue(settings: Settings, dataset: str) -> Catalogue:
+def load_shop_state(settings: Settings, dataset: str) -> ShopState:
     """Histories and popular lists from ``runs/data/<dataset>`` (empty when not ingested)."""
-    from atelier.ingest import load_tables
 
-    folder = settings.dataset_dir(dataset)
+    folder = settings.paths.dataset(dataset)
     if not (folder / "items.parquet").is_file():
-        return Catalogue(dataset)
-    data = current_data(dataset, *load_tables(folder), settings.run_dir / "features")  # prices as of today
-    lists, docs = popular_lists(data, POPULARITY_WINDOW_DAYS.get(dataset, 7.0), POPULAR_CACHE, SEGMENT_CACHE)
+        return ShopState(dataset)
+    data = current_data(dataset, *load_tables(folder), settings.paths.features)  # prices as of today
+    lists, docs = popular_lists(data, rules_for(dataset).popularity_days, POPULAR_CACHE, SEGMENT_CACHE,
+                                enriched=settings.paths.items(dataset, "enriched"))
     items, inter = data.items, data.interactions
-    return Catalogue(dataset, user_histories(inter), lists, {i: d.model_dump(mode="json") for i, d in docs.items()},
+    return ShopState(dataset, user_histories(inter), lists, {i: d.model_dump(mode="json") for i, d in docs.items()},
                      len(items))
 
 
@@ -116,12 +111,10 @@ def user_histories(inter: pd.DataFrame) -> dict[str, tuple[str, ...]]:
             for s, e in zip(starts, ends, strict=True)}
 
 
-def live_model_id(settings: Settings, dataset: str) -> str | None:
+def served_model_id(settings: Settings, dataset: str) -> str | None:
     """The model id ``atelier index`` last loaded for the dataset, or None before any index."""
-    from atelier.content import current_model_id
-
     try:
-        return current_model_id(settings, dataset)
+        return live_model_id(settings.paths, dataset)
     except FileNotFoundError:
         return None
 
@@ -136,7 +129,7 @@ class RecommendService:
         dataset: str | None = None,
         store_factory: Callable[[Settings], VectorStore] | None = None,
         enricher: Enricher | None = None,
-        catalogue: Catalogue | None = None,
+        shop: ShopState | None = None,
         warm_up: bool = True,
     ) -> None:
         self.settings = settings
@@ -147,15 +140,16 @@ class RecommendService:
         self._down_until = 0.0
         self._lock = threading.Lock()
         self.schema = load_schema()
-        self.model_id = live_model_id(settings, self.dataset)
+        self.error_log = settings.paths.serve_errors  # failed ingests, one JSON line each
+        self.model_id = served_model_id(settings, self.dataset)
         self.enricher = enricher or make_enricher(settings.serve_enricher, self.dataset, settings)
         self.encoder, self.ingest_blocker = self._load_encoder()
         if warm_up and self.encoder is not None:
             self.encoder.warm_up()
-        self.catalogue = catalogue or load_catalogue(settings, self.dataset)
+        self.shop = shop or load_shop_state(settings, self.dataset)
         self._connect()
         ctx = StageContext(settings, self.dataset, self.store, self.model_id, self.encoder,
-                           self.catalogue.popular, profile_keys)
+                           self.shop.popular, profile_keys)
         self.stages: list[Stage]
         self.stages, self.stage_status = build_chain(ctx)
 
@@ -174,10 +168,8 @@ class RecommendService:
 
     def _load_encoder(self) -> tuple[ItemEncoder | None, str | None]:
         """The item tower whose vectors are live, or why new products cannot be encoded."""
-        from atelier.content import checkpoint_path, file_id
-        from atelier.models.item_tower import CheckpointError
 
-        path = checkpoint_path(self.settings, self.dataset)
+        path = self.settings.paths.item_tower(self.dataset)
         if self.model_id is None:
             return None, f"nothing indexed for {self.dataset}; run `atelier run` first"
         if not path.is_file():
@@ -245,7 +237,6 @@ class RecommendService:
 
     def _restart_embedded(self, why: str) -> str:
         """Start the embedded PostgreSQL again after it stopped (crash, kill); empty on success."""
-        from atelier.store import start_embedded
 
         assert self._store is not None and self._store.server is not None
         try:
@@ -311,7 +302,6 @@ class RecommendService:
 
     def meta(self) -> Meta:
         """Allowed filter values for the page's pickers."""
-        from atelier.serve.explain import label
 
         std = self.schema.std
         return Meta(
@@ -328,7 +318,7 @@ class RecommendService:
         doc = self._require_store().get_item(item_id)
         if doc is None:
             raise ServiceError(404, f"unknown item id {item_id!r}")
-        return to_item(item_id, doc)
+        return Item.stored(item_id, doc)
 
     def similar(self, item_id: str, k: int) -> SimilarResponse:
         """The k nearest items to one item under the live model, colourways folded."""
@@ -343,27 +333,27 @@ class RecommendService:
             raise ServiceError(404, str(exc)) from None
         hits = store.search(self.model_id, vector, k, exclude_ids=[item_id], dedupe_groups=True)
         docs = fetch_items(store, [h for h, _ in hits])
-        items = [SimilarItem(**to_item(h, docs.get(h)).model_dump(), score=s) for h, s in hits]
+        items = [SimilarItem(**Item.stored(h, docs.get(h)).model_dump(), score=s) for h, s in hits]
         return SimilarResponse(item_id=item_id, model_id=self.model_id, items=items)
 
     def search(self, query: str, filters: SearchFilters, colors: Sequence[str], limit: int, offset: int) -> ItemPage:
-        """Catalogue search; with no query and no filters, the popular list (a shop's front page)."""
+        """ShopState search; with no query and no filters, the popular list (a shop's front page)."""
         if not query.strip() and filters.is_empty() and not colors:
-            ranked = self.catalogue.popular.overall
+            ranked = self.shop.popular.overall
             page = ranked[offset : offset + limit]
             store = self.store()
-            docs = dict(self.catalogue.popular_docs)
+            docs = dict(self.shop.popular_docs)
             if store is not None:
                 try:
                     docs.update(fetch_items(store, page))
                 except (StoreError, psycopg.Error) as exc:
                     self.mark_store_down(str(exc))
-            items = [to_item(i, docs.get(i)) for i in page if i in docs]
+            items = [Item.stored(i, docs.get(i)) for i in page if i in docs]
             more = offset + limit < len(ranked)
             return ItemPage(items=items, next_offset=offset + limit if more else None, source="popular")
         rows = search_items(self._require_store(), query, filters, colors, limit + 1, offset)
         more = len(rows) > limit
-        return ItemPage(items=[to_item(i, d) for i, d in rows[:limit]],
+        return ItemPage(items=[Item.stored(i, d) for i, d in rows[:limit]],
                         next_offset=offset + limit if more else None, source="search")
 
     # -- recommend -----------------------------------------------------------------------------
@@ -374,7 +364,7 @@ class RecommendService:
         notes: list[str] = []
         known: tuple[str, ...] = ()
         if req.user_id:
-            known = self.catalogue.histories.get(req.user_id, ())
+            known = self.shop.histories.get(req.user_id, ())
             if not known:
                 notes.append(f"user {req.user_id!r} has no history in {self.dataset}: treated as anonymous")
         # oldest first; an item seen again recently moves to its recent position
@@ -404,8 +394,8 @@ class RecommendService:
             except (StoreError, psycopg.Error) as exc:
                 degraded = self.store_failed(str(exc))
         for i in ids:
-            if i not in docs and i in self.catalogue.popular_docs:
-                docs[i] = self.catalogue.popular_docs[i]
+            if i not in docs and i in self.shop.popular_docs:
+                docs[i] = self.shop.popular_docs[i]
         if degraded:
             notes.append("the vector store is unreachable: serving the cached popular list")
         sources = {
@@ -414,7 +404,7 @@ class RecommendService:
             "context": {name: set(values) for name, values in ctx_attrs.items()},
         }
         items = [
-            Recommendation(**to_item(s.item_id, docs.get(s.item_id)).model_dump(), score=s.score, stage=s.stage,
+            Recommendation(**Item.stored(s.item_id, docs.get(s.item_id)).model_dump(), score=s.score, stage=s.stage,
                            explanation=explain(s.stage, s.reason, docs.get(s.item_id) or {}, sources))
             for s in result.items
         ]
@@ -430,7 +420,7 @@ class RecommendService:
 
     def _record_error(self, product: ProductIn, step: str, exc: BaseException) -> None:
         """Append a failed ingest to ``runs/serve/ingest-errors.jsonl`` (the product is not stored)."""
-        path = error_log_path(self.settings)
+        path = self.error_log
         record = {"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "item_id": product.item_id, "step": step,
                   "enricher": getattr(self.enricher, "name", type(self.enricher).__name__),
                   "error": f"{type(exc).__name__}: {exc}", "product": product.model_dump(mode="json")}
@@ -482,8 +472,8 @@ class RecommendService:
         """Remove an item and its vectors; it also leaves the cached popular list."""
         if not self._require_store().delete_item(item_id):
             raise ServiceError(404, f"unknown item id {item_id!r}")
-        self.catalogue.popular.entries.pop(item_id, None)
-        self.catalogue.popular_docs.pop(item_id, None)
+        self.shop.popular.entries.pop(item_id, None)
+        self.shop.popular_docs.pop(item_id, None)
 
 
 
@@ -499,6 +489,5 @@ def _close_quietly(store: VectorStore) -> None:
         log.warning("closing the old store pool: %s", exc)
 
 
-def error_log_path(settings: Settings) -> Path:
-    """Where failed ingests are recorded (one JSON line each, with the product and the error)."""
-    return settings.run_dir / "serve" / "ingest-errors.jsonl"
+
+

@@ -1,33 +1,32 @@
-"""The recommendation chain: stages ordered by preference, each serving what it can.
+"""How the service builds its recommendation chain from the run folder: stage factories in preference order.
 
-A ``Stage`` either returns scored items for a request, raises ``StageSkip`` (it has nothing to
-work from, e.g. content without history, cart or context) or fails (store errors); the chain then
-asks the next one, and pads a short list from later stages, so every answer says which stage
-produced each item. ``PREFERENCE`` is the order of DESIGN.md section 6: a reranker over the
-two-tower candidates, the two-tower retriever, content kNN, popularity. Stages that are not built
-yet are simply absent; adding one is ``register_stage("two_tower", factory)`` (see
-``StageContext`` for what a factory gets) with no change to the service or the routes.
+``PREFERENCE`` orders the stages of ``atelier.recommend.chain``: a reranker over the first retrieval stage
+that serves, content kNN, the two-tower retriever, popularity. Each stage has a factory that loads what it
+needs from the run folder (the saved ranker, the indexed user tower) or returns None when the dataset has
+no such model; adding a stage is ``register_stage(name, factory)`` (see ``StageContext`` for what a factory
+gets) with no change to the service or the routes.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-import numpy as np
-import psycopg
-
-from atelier.recommender import TrainData
-from atelier.schema import ItemJSON
-from atelier.serve.products import ItemEncoder
-from atelier.store import SearchFilters, StoreError
-from atelier.train_user import UserTowerRecommender
-
-if TYPE_CHECKING:
-    from atelier.rerank import Scorer
+from atelier.config import Settings
+from atelier.recommend.chain import (
+    ContentStage,
+    PopularityStage,
+    PopularLists,
+    RerankStage,
+    Stage,
+    TwoTowerStage,
+    VectorSearch,
+)
+from atelier.recommend.encoder import ItemEncoder
+from atelier.recommend.ranker import load_scorer
+from atelier.recommend.user_tower import serving_retriever
+from atelier.store.pointers import live_model_id
 
 # DESIGN.md puts two-tower before content; measured, it is not better yet: on H&M its top 12 is worse for
 # shoppers with history (MAP@12 0.044 vs 0.059), and a new product (no interactions, b = 0) never reaches its
@@ -35,326 +34,13 @@ if TYPE_CHECKING:
 # a context, and two-tower serves what content cannot: a shopper known only by a body profile.
 log = logging.getLogger("atelier.serve")
 
+
 PREFERENCE = ("rerank", "content", "two_tower", "popularity")
 
 
-@dataclass(frozen=True)
-class StageRequest:
-    """A resolved request: what the shopper gave, with ids already looked up and exclusions fixed."""
-
-    k: int
-    history: tuple[str, ...] = ()  # the known user's items, then recent views; oldest first
-    cart: tuple[str, ...] = ()
-    profile: Mapping[str, float | str | None] = field(default_factory=dict)
-    context: str | None = None
-    context_attributes: Mapping[str, list[str]] = field(default_factory=dict)
-    filters: SearchFilters = field(default_factory=SearchFilters)
-    exclude: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class Scored:
-    """One ranked item: its score where the stage has one, and the stage's reason in words."""
-
-    item_id: str
-    score: float | None
-    stage: str
-    reason: str
-
-
-class VectorSearch(Protocol):
-    """What the retrieval stages ask of the store (``VectorStore``; in the harness an ``ExactIndex``)."""
-
-    def search(self, model_id: str, query_vector: Any, k: int = 100, *, filters: Any = None,
-               exclude_ids: Sequence[str] = (), dedupe_groups: bool = False) -> list[tuple[str, float]]:
-        """Top-k ``(item_id, inner product)``, best first."""
-        ...
-
-    def vectors_of(self, model_id: str, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
-        """Vectors of the known ids."""
-        ...
-
-
-def stage_request(
-    k: int, history: Sequence[str] = (), cart: Sequence[str] = (), profile: Mapping[str, Any] | None = None,
-    context: str | None = None, filters: SearchFilters | None = None, exclude_seen: bool = True,
-) -> StageRequest:
-    """The chain's request for a shopper: history (oldest first), cart, profile, context and filters; the
-    context's named STD values looked up; history and cart excluded unless ``exclude_seen`` is off."""
-    from atelier.serve.explain import context_attributes
-
-    history, cart = list(dict.fromkeys(history)), list(dict.fromkeys(cart))
-    return StageRequest(
-        k=k, history=tuple(history), cart=tuple(cart), profile=dict(profile or {}), context=context,
-        context_attributes=context_attributes(context) if context else {}, filters=filters or SearchFilters(),
-        exclude=frozenset(history + cart) if exclude_seen else frozenset(),
-    )
-
-
-class StageSkip(Exception):
-    """The stage has nothing to work from for this request (the message says what it lacks)."""
-
-
-class Stage(Protocol):
-    """A recommender the service can put in its chain."""
-
-    name: str
-
-    def available(self) -> str | None:
-        """None when the stage can serve; otherwise why not (shown in /ready and in answers)."""
-        ...
-
-    def recommend(self, request: StageRequest) -> list[Scored]:
-        """Up to ``request.k`` items not in ``request.exclude``, best first; StageSkip if not applicable."""
-        ...
-
-
-@dataclass
-class ChainReport:
-    """One stage's outcome for one request."""
-
-    name: str
-    status: str  # served | skipped | unavailable | failed | not_needed
-    detail: str = ""
-    items: int = 0
-
-
-@dataclass
-class ChainResult:
-    """The merged ranking and what every stage did."""
-
-    items: list[Scored]
-    reports: list[ChainReport]
-    store_failed: bool = False
-
-
-def run_chain(stages: Sequence[Stage], request: StageRequest) -> ChainResult:
-    """Ask stages in order until ``k`` items are found; later stages pad what earlier ones left short."""
-    items: list[Scored] = []
-    seen: set[str] = set(request.exclude)
-    reports: list[ChainReport] = []
-    store_failed = False
-    for stage in stages:
-        if len(items) >= request.k:
-            reports.append(ChainReport(stage.name, "not_needed"))
-            continue
-        why = stage.available()
-        if why is not None:
-            reports.append(ChainReport(stage.name, "unavailable", why))
-            continue
-        try:
-            got = stage.recommend(replace(request, k=request.k - len(items), exclude=frozenset(seen)))
-        except StageSkip as skip:
-            reports.append(ChainReport(stage.name, "skipped", str(skip)))
-            continue
-        except (StoreError, psycopg.Error) as exc:
-            # The store went away mid-request: note it and let the next stage (popularity, which
-            # serves from memory) answer, rather than failing the request.
-            store_failed = True
-            reports.append(ChainReport(stage.name, "failed", f"store error: {exc}"))
-            continue
-        fresh = [s for s in got if s.item_id not in seen][: request.k - len(items)]
-        seen.update(s.item_id for s in fresh)
-        items.extend(fresh)
-        reports.append(ChainReport(stage.name, "served" if fresh else "skipped",
-                                   "" if fresh else "no items after filters", len(fresh)))
-    return ChainResult(items, reports, store_failed)
-
-
-# --- content: item-tower vectors in pgvector ---------------------------------------------------
-
-
-class ContentStage:
-    """Nearest items (HNSW in pgvector) to the shopper's cart, history and context in item-tower space.
-
-    The query vector is a weighted mean of unit vectors: each cart item counts ``cart_weight``
-    times a history item (the cart is what the shopper wants now), and the context text counts as
-    one more "virtual item" encoded by the same tower from its text and the STD values it names,
-    weighted ``context_weight`` times the rest together. Colourways are folded so the list is not
-    six colours of one product.
-    """
-
-    name = "content"
-
-    def __init__(
-        self, store: Callable[[], VectorSearch | None], model_id: str | None, encoder: ItemEncoder | None,
-        *, history_limit: int = 20, cart_weight: float = 2.0, context_weight: float = 1.0,
-    ) -> None:
-        self.store = store
-        self.model_id = model_id
-        self.encoder = encoder
-        self.history_limit = history_limit  # older items say little about today's intent
-        self.cart_weight = cart_weight
-        self.context_weight = context_weight
-        self._context_cache: dict[tuple[str, str], np.ndarray] = {}
-
-    def available(self) -> str | None:
-        """Needs a live model id and a reachable store."""
-        if self.model_id is None:
-            return "no indexed model (run `atelier run` or `atelier index`)"
-        if self.store() is None:
-            return "store unreachable"
-        return None
-
-    def context_vector(self, text: str, attributes: Mapping[str, list[str]]) -> np.ndarray | None:
-        """The tower's vector of a virtual item with the context as its title and its named STD values."""
-        if self.encoder is None:
-            return None
-        key = (text, repr(sorted(attributes.items())))
-        if key not in self._context_cache:
-            item = ItemJSON.model_validate({"item_id": "context", "clothes": dict(attributes),
-                                            "service": {"title": text}})
-            if len(self._context_cache) > 512:  # bounded: contexts are free text
-                self._context_cache.clear()
-            self._context_cache[key] = self.encoder.encode([item])[0]
-        return self._context_cache[key]
-
-    def recommend(self, request: StageRequest) -> list[Scored]:
-        """HNSW search around the weighted mean of cart, history and context vectors."""
-        store = self.store()
-        assert store is not None and self.model_id is not None, "available() was not checked"
-        history = list(request.history[-self.history_limit :])
-        seeds = list(dict.fromkeys([*history, *request.cart]))
-        vectors = store.vectors_of(self.model_id, seeds) if seeds else {}
-        parts: list[np.ndarray] = []
-        weights: list[float] = []
-        for item_id, vec in vectors.items():
-            parts.append(vec)
-            weights.append(self.cart_weight if item_id in request.cart else 1.0)
-        used = ["cart"] if any(i in vectors for i in request.cart) else []
-        if any(i in vectors for i in history):
-            used.append("recent items")
-        if request.context:
-            ctx = self.context_vector(request.context, request.context_attributes)
-            if ctx is not None:
-                parts.append(ctx)
-                weights.append(self.context_weight * max(1.0, sum(weights)))
-                used.append("context")
-        if not parts:
-            missing = f" ({len(seeds)} given, none indexed)" if seeds else ""
-            raise StageSkip(f"no history, cart or context to start from{missing}")
-        query = np.average(np.stack(parts), axis=0, weights=weights)  # (dim,)
-        query /= np.linalg.norm(query) + 1e-12
-        hits = store.search(self.model_id, query, request.k, filters=request.filters,
-                            exclude_ids=sorted(request.exclude), dedupe_groups=True)
-        reason = "close to your " + " and ".join(used) + " in the item tower's space"
-        return [Scored(item_id, score, self.name, reason) for item_id, score in hits]
-
-
-# --- popularity: from memory, so it serves even without the store ------------------------------
-
-
-@dataclass(frozen=True)
-class PopularEntry:
-    """A popular item with the fields popularity filters need (kept in memory)."""
-
-    item_id: str
-    category: str | None
-    gender: str | None
-    price: float | None
-    in_stock: bool | None
-
-    @classmethod
-    def of(cls, item: ItemJSON) -> PopularEntry:
-        """The filterable fields of an item JSON."""
-        def first(name: str) -> str | None:
-            values = item.clothes.get(name) or []
-            return values[0] if values else None
-
-        stock = item.service.stock
-        return cls(item.item_id, first("category"), first("gender"), item.service.price,
-                   None if stock is None else stock > 0)
-
-    def passes(self, f: SearchFilters) -> bool:
-        """The same predicates the store applies in SQL (unknown stock counts as available)."""
-        if f.categories and self.category not in f.categories:
-            return False
-        if f.genders and self.gender not in f.genders:
-            return False
-        if f.min_price is not None and (self.price is None or self.price < f.min_price):
-            return False
-        if f.max_price is not None and (self.price is None or self.price > f.max_price):
-            return False
-        return not (f.in_stock_only and self.in_stock is False)
-
-
-@dataclass
-class PopularLists:
-    """Ranked item ids overall and per segment (occasion, body profile), with filter fields."""
-
-    window_days: float | None
-    overall: list[str]
-    occasions: dict[str, list[str]] = field(default_factory=dict)
-    profiles: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
-    entries: dict[str, PopularEntry] = field(default_factory=dict)
-    built_at: float = field(default_factory=time.time)
-
-
-def popular_lists(data: TrainData, window_days: float, top: int = 500,
-                  segment_top: int = 300) -> tuple[PopularLists, dict[str, ItemJSON]]:
-    """The popularity stage's lists from a log (overall, per occasion, per body segment: the evaluated
-    baselines' counts) and the item JSON of every listed item (its filter fields; degraded answers)."""
-    from atelier.baselines import PopularityRecommender, SegmentPopularityRecommender
-    from atelier.catalogue import column_items
-
-    overall = PopularityRecommender(window_days).fit(data).popular[:top]
-    lists = PopularLists(window_days, overall)
-    if "occasion" in data.interactions.columns:
-        seg = SegmentPopularityRecommender("context", window_days).fit(data)
-        lists.occasions = {key[1]: ranked[:segment_top] for key, ranked in seg.segments.items()}
-    if any(c in data.users.columns for c in ("body_type", "height_cm", "weight_kg")):
-        seg = SegmentPopularityRecommender("profile", window_days).fit(data)
-        lists.profiles = {key: ranked[:segment_top] for key, ranked in seg.segments.items()}
-    wanted = set(overall).union(*lists.occasions.values(), *lists.profiles.values())
-    subset = data.items[data.items["item_id"].astype(str).isin(wanted)]
-    docs = {item.item_id: item for item in column_items(subset, data.dataset)}
-    lists.entries = {i: PopularEntry.of(doc) for i, doc in docs.items()}
-    return lists, docs
-
-
-class PopularityStage:
-    """The most bought items of the recent window, within the shopper's occasion or body segment
-    when the data has them (RentTheRunway), overall otherwise. Always available: it needs no store."""
-
-    name = "popularity"
-
-    def __init__(self, lists: PopularLists, profile_keys: Callable[[dict[str, object]], list[tuple[str, ...]]]) -> None:
-        self.lists = lists
-        self.profile_keys = profile_keys
-
-    def available(self) -> str | None:
-        """Available whenever the cached list is non-empty."""
-        return None if self.lists.overall else "no interactions to count"
-
-    def recommend(self, request: StageRequest) -> list[Scored]:
-        """Segment lists first (occasion named in the context, then body profile), then overall."""
-        window = f"the last {self.lists.window_days:g} days" if self.lists.window_days else "the log"
-        sources: list[tuple[list[str], str]] = []
-        context = (request.context or "").lower()
-        for occasion, ranked in self.lists.occasions.items():
-            if occasion and occasion in context:
-                sources.append((ranked, f"popular for '{occasion}' over {window}"))
-        if request.profile:
-            for key in self.profile_keys(dict(request.profile)):
-                if key in self.lists.profiles:
-                    sources.append((self.lists.profiles[key], f"popular with shoppers of your build over {window}"))
-                    break
-        sources.append((self.lists.overall, f"among the most bought items of {window}"))
-        out: list[Scored] = []
-        seen = set(request.exclude)
-        for ranked, reason in sources:
-            for item_id in ranked:
-                entry = self.lists.entries.get(item_id)
-                if item_id in seen or entry is None or not entry.passes(request.filters):
-                    continue
-                seen.add(item_id)
-                out.append(Scored(item_id, None, self.name, reason))
-                if len(out) == request.k:
-                    return out
-        return out
-
-
 StageFactory = Callable[["StageContext"], Stage | None]
+
+
 STAGE_FACTORIES: dict[str, StageFactory] = {}
 
 
@@ -379,116 +65,11 @@ class StageContext:
     built: dict[str, Stage] = field(default_factory=dict)  # stages later in PREFERENCE, built first
 
 
-class TwoTowerStage:
-    """The user tower's query (recent items and cart, body profile, context text) against the two-tower
-    keys ``[v, b]`` in pgvector: one HNSW search. Items posted after training are in the index (with
-    ``b = 0``, no interactions yet) but the tower reads only the items it was trained with as history."""
-
-    name = "two_tower"
-
-    def __init__(self, store: Callable[[], VectorSearch | None], model_id: str,
-                 retriever: UserTowerRecommender) -> None:
-        self.store = store
-        self.model_id = model_id
-        self.retriever = retriever
-        self._contexts: dict[str, np.ndarray] = {}
-        retriever.context_encoder = self.encode_contexts  # free text: memory, not a cache file per request
-
-    def encode_contexts(self, texts: list[str]) -> np.ndarray:
-        """MiniLM vectors of context texts, remembered in a bounded in-memory table."""
-        from atelier.text import encode_texts
-
-        missing = [t for t in texts if t not in self._contexts]
-        if missing:
-            if len(self._contexts) > 512:  # bounded: contexts are free text
-                self._contexts.clear()
-            self._contexts.update(zip(missing, encode_texts(missing), strict=True))
-        return np.stack([self._contexts[t] for t in texts])
-
-    def available(self) -> str | None:
-        """Needs a reachable store."""
-        return None if self.store() is not None else "store unreachable"
-
-    def recommend(self, request: StageRequest) -> list[Scored]:
-        """One HNSW search with the tower's query vector; skips a shopper the tower knows nothing about."""
-        from atelier.recommender import Query
-
-        query = Query(user_id="request", history=tuple(dict.fromkeys([*request.history, *request.cart])),
-                      profile=dict(request.profile), context=request.context)
-        vectors, usable = self.retriever.user_vectors([query])
-        if not usable[0]:
-            raise StageSkip("no known items, profile or context for the user tower")
-        store = self.store()
-        assert store is not None, "available() was not checked"
-        hits = store.search(self.model_id, vectors[0], request.k, filters=request.filters,
-                            exclude_ids=sorted(request.exclude), dedupe_groups=True)
-        used = [name for name, present in (("recent items", query.history), ("profile", request.profile),
-                                            ("context", request.context)) if present]
-        reason = "the two-tower retriever's pick for your " + " and ".join(used)
-        return [Scored(item_id, score, self.name, reason) for item_id, score in hits]
-
-
-class RerankStage:
-    """The DeepFM reranker over the candidates of the first retrieval stage that serves (content, then
-    two-tower): it asks that stage for ``candidates`` items and reorders them. Products the ranker's
-    catalogue lacks (posted after it was built) keep their retrieval slot, so cold start is unchanged."""
-
-    name = "rerank"
-
-    def __init__(self, scorer: Scorer, retrievers: Sequence[Stage], candidates: int = 100,
-                 explain: bool = True) -> None:
-        self.scorer = scorer
-        self.retrievers = list(retrievers)
-        self.candidates = candidates
-        self.explain = explain  # off in the harness, which reads only the order
-
-    def available(self) -> str | None:
-        """Available while one of its retrievers is."""
-        if any(r.available() is None for r in self.retrievers):
-            return None
-        return "no retrieval stage available"
-
-    def recommend(self, request: StageRequest) -> list[Scored]:
-        """Top ``request.k`` of the first serving retriever's ``candidates``, reordered by the DeepFM."""
-        from atelier.recommender import Query
-        from atelier.rerank import field_label
-
-        for stage in self.retrievers:
-            if stage.available() is not None:
-                continue
-            try:
-                got = stage.recommend(replace(request, k=max(self.candidates, request.k)))
-            except StageSkip:
-                continue
-            if got:
-                break
-        else:
-            raise StageSkip("no retrieval stage had candidates")
-        query = Query(user_id="request", history=tuple(dict.fromkeys([*request.history, *request.cart])),
-                      profile=dict(request.profile), context=request.context)
-        order = self.scorer.reorder(query, [s.item_id for s in got])[: request.k]
-        scored = {i: p for i, p in order if p is not None}
-        why = ({e["item_id"]: e for e in self.scorer.explain(query, list(scored), scores=scored)}
-               if self.explain else {})
-        source = {s.item_id: s for s in got}
-        out = []
-        for item_id, p in order:
-            reason = source[item_id].reason
-            if item_id in why:
-                pairs = ", ".join(f"{field_label(u)} x {field_label(i)}" for u, i, _ in why[item_id]["top_pairs"][:2])
-                reason += f"; reordered by the reranker (p {p:.2f}{', led by ' + pairs if pairs else ''})"
-            out.append(Scored(item_id, p, self.name, reason))
-        return out
-
-
 def _rerank(ctx: StageContext) -> Stage | None:
-    from atelier.config import Settings
-    from atelier.rerank import load_scorer, ranker_path
-
     settings = ctx.settings
     assert isinstance(settings, Settings)
     retrievers = [ctx.built[n] for n in ("content", "two_tower") if n in ctx.built]
-    if not retrievers or not ranker_path(settings, ctx.dataset).is_file():
+    if not retrievers or not settings.paths.ranker(ctx.dataset).is_file():
         return None
     try:
         scorer, _ = load_scorer(settings, ctx.dataset)
@@ -499,15 +80,12 @@ def _rerank(ctx: StageContext) -> Stage | None:
 
 
 def _two_tower(ctx: StageContext) -> Stage | None:
-    from atelier.config import Settings
-    from atelier.two_tower import serving_retriever, two_tower_model_id, user_checkpoint_path
-
     settings = ctx.settings
     assert isinstance(settings, Settings)
-    if not user_checkpoint_path(settings, ctx.dataset).is_file():
+    if not settings.paths.user_tower(ctx.dataset).is_file():
         return None
     try:
-        model_id = two_tower_model_id(settings, ctx.dataset)
+        model_id = live_model_id(settings.paths, ctx.dataset, "two_tower")
         retriever = serving_retriever(settings, ctx.dataset)
     except FileNotFoundError:
         return None
@@ -525,12 +103,6 @@ def _popularity(ctx: StageContext) -> Stage:
     return PopularityStage(ctx.popular, ctx.profile_keys)
 
 
-register_stage("rerank", _rerank)
-register_stage("two_tower", _two_tower)
-register_stage("content", _content)
-register_stage("popularity", _popularity)
-
-
 def build_chain(ctx: StageContext) -> tuple[list[Stage], dict[str, str]]:
     """The stages to run, in preference order, and a line for each of ``PREFERENCE`` for /ready."""
     status: dict[str, str] = {}
@@ -546,3 +118,9 @@ def build_chain(ctx: StageContext) -> tuple[list[Stage], dict[str, str]]:
         ctx.built[name] = stage
         status[name] = "registered"
     return [ctx.built[n] for n in PREFERENCE if n in ctx.built], {n: status[n] for n in PREFERENCE}
+
+
+register_stage("rerank", _rerank)
+register_stage("two_tower", _two_tower)
+register_stage("content", _content)
+register_stage("popularity", _popularity)

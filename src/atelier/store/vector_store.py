@@ -236,7 +236,7 @@ def open_store(
     (started again if it has stopped)."""
     if settings.database_url:
         return VectorStore(settings.database_url, pool_size=pool_size, search=search, wait_s=wait_s)
-    server = start_embedded(settings.run_dir / "pgdata")
+    server = start_embedded(settings.paths.pgdata)
     return VectorStore(server.get_uri(), server=server, pool_size=pool_size, search=search, wait_s=wait_s)
 
 

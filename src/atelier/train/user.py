@@ -1,4 +1,4 @@
-"""Stage 2 training and retrieval: the user tower against frozen item vectors (DESIGN.md section 5).
+"""Training the user tower against frozen item vectors (DESIGN.md section 5).
 
 - ``build_examples``: next-interaction examples from a time-ordered log (history = the user's items
   strictly before the target's timestamp, so a basket never sees itself), plus empty-history examples
@@ -7,7 +7,8 @@
   targets plus ``n_sampled`` popularity-sampled negatives, logQ-corrected (Yi et al., RecSys 2019);
   AdamW with warm-up and cosine decay; early stopping on validation Recall@100 over the whole
   catalogue; bf16 autocast on GPU. The item vectors are a constant tensor: no gradient reaches them.
-- ``UserTowerRecommender`` ("two-tower"): user vector . item vectors over the whole catalogue.
+- ``TwoTowerRecommender``: the harness's two-tower retriever, whose ``fit`` trains (or reloads an identical
+  earlier fit of) the tower on the window it is given; inference is ``atelier.recommend.user_tower``.
 
 References: Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item
 Recommendations", RecSys 2019; Yang et al., "Mixed Negative Sampling for Learning Two-tower Neural
@@ -17,6 +18,8 @@ Networks in Recommendations", WWW 2020 (in-batch + sampled negatives).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -28,9 +31,8 @@ from typing import Any, Self
 import numpy as np
 import pandas as pd
 import torch
-from torch.nn import functional as F
 
-from atelier.baselines import PopularityRecommender
+from atelier.models.losses import sampled_softmax
 from atelier.models.user_tower import (
     PARTS,
     PROFILE_FIELDS,
@@ -38,14 +40,21 @@ from atelier.models.user_tower import (
     UserInputs,
     UserTower,
     UserTowerConfig,
-    load_user_checkpoint,
+    save_user_checkpoint,
 )
-from atelier.recommender import Query, TrainData, fill
+from atelier.recommend.encoder import catalogue_vectors, file_id
+from atelier.recommend.user_tower import (
+    EncodeFn,
+    UserTowerRecommender,
+    bias_segments,
+    log_popularity,
+    retrieval_keys,
+)
+from atelier.recommender import Query, Recommender, TrainData
 from atelier.text import TEXT_DIM, encode_texts
-from atelier.train import lr_at, optimizer_step
+from atelier.train.item import lr_at, optimizer_step
 
 ProgressFn = Callable[[int, int, float], None]  # (step, total steps, loss)
-EncodeFn = Callable[[list[str]], np.ndarray]  # texts -> (n, 384) sentence vectors
 
 
 @dataclass
@@ -224,49 +233,6 @@ def split_by_days(examples: Examples, val_frac_days: float = 0.1) -> tuple[Examp
 # ---------------------------------------------------------------- item popularity
 
 
-def _segment(values: pd.Series) -> pd.Series:
-    return values.astype("string").str.strip().str.lower().fillna("")
-
-
-def bias_segments(interactions: pd.DataFrame, max_segments: int = 16, min_count: int = 100) -> tuple[str, ...]:
-    """The most frequent context values (``occasion``) of a log, for per-segment popularity columns."""
-    if "occasion" not in interactions.columns:
-        return ()
-    counts = _segment(interactions["occasion"]).value_counts()
-    return tuple(str(v) for v, n in counts.head(max_segments).items() if n >= min_count and v)
-
-
-def log_popularity(
-    interactions: pd.DataFrame, item_index: dict[str, int], window_days: float | None = None,
-    segments: Sequence[str] = (), segment_window_days: float | None = None,
-) -> np.ndarray:
-    """(n_items, 1 + len(segments)) float32 log(1 + interactions) per item: overall over the log's last
-    ``window_days``, then within each ``occasion`` segment over the last ``segment_window_days`` (None: the
-    whole log). The ``b`` of the retrieval keys ``[v, b]``; unknown and cold items get 0."""
-    def recent(days: float | None) -> tuple[pd.DataFrame, np.ndarray]:
-        log = interactions
-        if days is not None and len(log):
-            log = log[log["ts"] > log["ts"].max() - pd.Timedelta(days=days)]
-        rows = log["item_id"].astype(str).map(item_index)
-        known = rows.notna().to_numpy()
-        return log[known], rows[known].to_numpy(dtype=np.int64)
-
-    _, rows = recent(window_days)
-    columns = [np.bincount(rows, minlength=len(item_index))]
-    if segments:
-        log, rows = recent(segment_window_days)
-        occasion = _segment(log["occasion"]).to_numpy(dtype=object)
-        columns += [np.bincount(rows[occasion == seg], minlength=len(item_index)) for seg in segments]
-    return np.log1p(np.stack(columns, axis=1)).astype(np.float32)
-
-
-def retrieval_keys(item_vectors: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """The keys a query of the user tower is scored against: ``[v, b]`` (or ``v`` without a bias)."""
-    vectors = np.asarray(item_vectors, dtype=np.float32)
-    if bias is None:
-        return vectors
-    bias = np.asarray(bias, np.float32).reshape(len(vectors), -1)
-    return np.concatenate([vectors, bias], axis=1)
 
 
 # ---------------------------------------------------------------- tensors
@@ -288,70 +254,11 @@ def example_inputs(examples: Examples, rows: np.ndarray, items: torch.Tensor) ->
                       torch.from_numpy(examples.body_type[rows]).to(device))
 
 
-def _number(value: object) -> float:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return float("nan")
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def user_inputs_for(
-    queries: Sequence[Query], item_index: dict[str, int], item_vectors: np.ndarray, context_vectors_fn: EncodeFn,
-    stats: ProfileStats, body_vocab: dict[str, int], max_history: int, drop: frozenset[str] | set[str] = frozenset(),
-) -> UserInputs:
-    """Tower inputs for harness queries: the last ``max_history`` known history and cart items (most recent first),
-    the context text encoded by ``context_vectors_fn`` (e.g. cached ``encode_texts``), the profile fields
-    named by ``stats`` (missing -> NaN) and the body type (unknown -> 0)."""
-    n = len(queries)
-    rows = np.full((n, max_history), -1, dtype=np.int64)
-    for qi, q in enumerate(queries):
-        known = [item_index[i] for i in q.seeds if i in item_index][-max_history:][::-1]  # history, then cart
-        rows[qi, : len(known)] = known
-    mask = rows >= 0
-    history = np.asarray(item_vectors, dtype=np.float32)[np.clip(rows, 0, None)] * mask[..., None]
-    texts = [(q.context or "").strip() for q in queries]
-    unique = sorted({t for t in texts if t})
-    context = np.zeros((n, TEXT_DIM), dtype=np.float32)
-    if unique:
-        vecs = np.asarray(context_vectors_fn(unique), dtype=np.float32)
-        lookup = {t: i for i, t in enumerate(unique)}
-        for qi, t in enumerate(texts):
-            if t:
-                context[qi] = vecs[lookup[t]]
-    profile = np.array([[_number(q.profile.get(f)) for f in stats.fields] for q in queries],
-                       dtype=np.float32).reshape(n, len(stats.fields))
-    body = np.array([body_vocab.get(str(q.profile.get("body_type") or "").strip().lower(), 0) for q in queries],
-                    dtype=np.int64)
-    inputs = UserInputs(torch.from_numpy(history), torch.from_numpy(mask), torch.from_numpy(context),
-                        torch.tensor([bool(t) for t in texts], dtype=torch.bool), torch.from_numpy(profile),
-                        torch.from_numpy(body))
-    return inputs.hide(frozenset(drop))
 
 
 # ---------------------------------------------------------------- loss
 
 
-def sampled_softmax(
-    users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
-    log_q: torch.Tensor | None, temperature: float,
-) -> torch.Tensor:
-    """Softmax over in-batch targets + sampled negatives; row i's label is its own target.
-
-    ``users`` (B, D) are queries and ``items`` (N, D) retrieval keys (see ``retrieval_keys``); ``targets``
-    (B,) and ``negatives`` (S,) are item rows; ``log_q`` (N,) is each item's log sampling probability,
-    subtracted from its logit (logQ correction) unless None. A candidate equal to the row's target
-    elsewhere (an accidental hit) is masked out.
-    """
-    cand = torch.cat([targets, negatives])  # (B + S,)
-    logits = users @ items[cand].T / temperature  # (B, B + S)
-    if log_q is not None:
-        logits = logits - log_q[cand][None]
-    labels = torch.arange(len(targets), device=users.device)
-    hit = cand[None, :] == targets[:, None]  # (B, B + S)
-    hit[labels, labels] = False
-    return F.cross_entropy(logits.masked_fill(hit, float("-inf")), labels)
 
 
 # ---------------------------------------------------------------- training
@@ -495,147 +402,106 @@ def random_item_vectors(items: pd.DataFrame, dim: int = 128, column: str = "cate
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-class UserTowerRecommender(PopularityRecommender):
-    """Two-tower retrieval: one user vector per query, inner product with every item vector, top-k.
+def train_user_recommender(
+    data: TrainData, item_ids: Sequence[str], item_vectors: np.ndarray, cfg: TrainUserConfig,
+    model_cfg: UserTowerConfig | None = None, progress: ProgressFn | None = None, **kwargs: Any,
+) -> UserTowerRecommender:
+    """Train a tower on ``data.interactions`` (the last ``cfg.val_frac_days`` of days validate) and
+    return the fitted recommender (``cfg.drop`` applies at inference too)."""
+    model_cfg = model_cfg or UserTowerConfig(item_dim=item_vectors.shape[1])
+    if model_cfg.item_bias and not model_cfg.bias_segments:
+        model_cfg = replace(model_cfg, bias_segments=bias_segments(data.interactions))
+    index = {str(item): i for i, item in enumerate(item_ids)}
+    encode = partial(encode_texts, cache_dir=data.cache_dir)
+    examples = build_examples(data.interactions, index, data.users, model_cfg.max_history, encode=encode,
+                              seed=cfg.seed)
+    if cfg.recent_days is not None:
+        start = np.datetime64(pd.Timestamp(examples.ts.max()) - pd.Timedelta(days=cfg.recent_days))
+        examples = examples.subset(examples.ts > start)
+    train, val = split_by_days(examples, cfg.val_frac_days)
+    # Popularity as it stood before the validation days, so validation does not see its own counts.
+    window = kwargs.get("window_days", 3)
+    bias = log_popularity(data.interactions[data.interactions["ts"] < val.ts.min()], index, window,
+                          model_cfg.bias_segments, model_cfg.segment_window_days)
+    if cfg.basket_history:
+        cut = val.ts.min()
+        train = build_examples(data.interactions[data.interactions["ts"] < cut], index, data.users,
+                               model_cfg.max_history, encode=encode, basket_history=True, seed=cfg.seed)
+        if cfg.recent_days is not None:
+            train = train.subset(train.ts > start)
+    model, history = train_user_tower(item_vectors, train, val, model_cfg, cfg, progress, item_bias=bias)
+    rec = UserTowerRecommender(item_ids, item_vectors, model, ProfileStats.from_dict(history["profile_stats"]),
+                               examples.body_vocab, drop=kwargs.pop("drop", cfg.drop), cache_dir=data.cache_dir,
+                               **kwargs)
+    rec.history = history
+    return rec.fit(data)
 
-    History is not excluded by default (H&M shoppers re-buy). A query with no usable part (no known
-    history, context or profile, or all of them dropped) gets the popularity list when
-    ``fallback_popular`` (padded by the tower's ranking), else the tower's learned "nobody" vector.
+
+def fingerprint(data: TrainData, item_vectors: np.ndarray, cfg: TrainUserConfig, model_cfg: UserTowerConfig) -> str:
+    """Short hash of everything a fit depends on: the training log, its users, the item vectors and both configs."""
+    digest = hashlib.sha256()
+    log = data.interactions
+    digest.update(json.dumps([data.dataset, len(log), str(log["ts"].min()), str(log["ts"].max()),
+                              asdict(model_cfg), {**asdict(cfg), "drop": sorted(cfg.drop), "device": ""}],
+                             sort_keys=True, default=str).encode())
+    digest.update(np.ascontiguousarray(log["item_id"].astype(str).to_numpy()).astype("U").tobytes())
+    digest.update(pd.util.hash_pandas_object(data.users, index=False).to_numpy().tobytes())  # profiles as of the cut
+    digest.update(np.ascontiguousarray(item_vectors, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:12]
+
+
+class TwoTowerRecommender(Recommender):
+    """Two-tower retrieval through the harness: fit = train the user tower on the given window.
+
+    ``drop`` removes parts of the user's input in training and at inference (the ablations);
+    ``exclude_history`` (off for H&M, whose shoppers re-buy) removes the shopper's items from the results;
+    ``item_bias=False`` drops the popularity coordinate of the keys (an ablation).
     """
 
     name = "two-tower"
 
     def __init__(
-        self, item_ids: Sequence[str], item_vectors: np.ndarray, model: UserTower, stats: ProfileStats,
-        body_vocab: dict[str, int], *, window_days: float | None = 3, drop: frozenset[str] | set[str] = frozenset(),
-        exclude_history: bool = False, fallback_popular: bool = True, cache_dir: Path | None = None,
-        batch_users: int = 1024, name: str | None = None,
+        self, item_checkpoint: Path, *, cfg: TrainUserConfig | None = None, item_bias: bool = True,
+        window_days: float | None = 3, exclude_history: bool = False, name: str | None = None,
+        progress: ProgressFn | None = None, vectors_file: Path | None = None,
     ) -> None:
-        super().__init__(window_days)
-        assert len(item_ids) == len(item_vectors), f"{len(item_ids)} ids for {len(item_vectors)} vectors"
-        unknown = set(drop) - set(PARTS)
-        assert not unknown, f"unknown parts to drop {sorted(unknown)}; choose from {PARTS}"
-        self.item_ids = np.asarray([str(i) for i in item_ids], dtype=object)
-        self.item_vectors = np.ascontiguousarray(item_vectors, dtype=np.float32)
-        self.item_index = {item: i for i, item in enumerate(self.item_ids)}
-        self.model = model.eval()
-        self.stats, self.body_vocab = stats, dict(body_vocab)
-        self.drop = frozenset(drop)
-        self.exclude_history, self.fallback_popular = exclude_history, fallback_popular
-        self.cache_dir, self.batch_users = cache_dir, batch_users
-        self.history: dict[str, Any] = {}
-        self.keys: np.ndarray | None = None  # [v, b] retrieval keys, set by ``fit`` (b changes with the log)
-        # Context texts -> MiniLM vectors; None = ``encode_texts`` cached under ``cache_dir`` (fine for the
-        # harness's few occasions; a service sets an in-memory encoder so free text writes no files).
-        self.context_encoder: EncodeFn | None = None
+        self.item_checkpoint = item_checkpoint
+        self.vectors_file = vectors_file  # `atelier encode` output of the item tower, read instead of encoding
+        self.cfg = cfg or TrainUserConfig()
+        self.item_bias = item_bias
+        self.window_days, self.exclude_history = window_days, exclude_history
+        self.progress = progress
+        self.retriever: UserTowerRecommender | None = None
+        self.checkpoint: Path | None = None
         if name:
             self.name = name  # type: ignore[misc]
 
-    @classmethod
-    def from_checkpoint(cls, path: Path, item_ids: Sequence[str], item_vectors: np.ndarray, **kwargs: Any) -> Self:
-        """A recommender from a saved user tower and the item vectors it was trained against (with the
-        training history the checkpoint carries, if any)."""
-        model, payload = load_user_checkpoint(path)
-        rec = cls(item_ids, item_vectors, model, payload["profile_stats"], payload["body_vocab"], **kwargs)
-        rec.history = payload.get("history", {})
-        return rec
-
-    @classmethod
-    def from_training(
-        cls, data: TrainData, item_ids: Sequence[str], item_vectors: np.ndarray, cfg: TrainUserConfig,
-        model_cfg: UserTowerConfig | None = None, progress: ProgressFn | None = None, **kwargs: Any,
-    ) -> Self:
-        """Train a tower on ``data.interactions`` (the last ``cfg.val_frac_days`` of days validate) and
-        return the fitted recommender (``cfg.drop`` applies at inference too)."""
-        model_cfg = model_cfg or UserTowerConfig(item_dim=item_vectors.shape[1])
-        if model_cfg.item_bias and not model_cfg.bias_segments:
-            model_cfg = replace(model_cfg, bias_segments=bias_segments(data.interactions))
-        index = {str(item): i for i, item in enumerate(item_ids)}
-        encode = partial(encode_texts, cache_dir=data.cache_dir)
-        examples = build_examples(data.interactions, index, data.users, model_cfg.max_history, encode=encode,
-                                  seed=cfg.seed)
-        if cfg.recent_days is not None:
-            start = np.datetime64(pd.Timestamp(examples.ts.max()) - pd.Timedelta(days=cfg.recent_days))
-            examples = examples.subset(examples.ts > start)
-        train, val = split_by_days(examples, cfg.val_frac_days)
-        # Popularity as it stood before the validation days, so validation does not see its own counts.
-        window = kwargs.get("window_days", 3)
-        bias = log_popularity(data.interactions[data.interactions["ts"] < val.ts.min()], index, window,
-                              model_cfg.bias_segments, model_cfg.segment_window_days)
-        if cfg.basket_history:
-            cut = val.ts.min()
-            train = build_examples(data.interactions[data.interactions["ts"] < cut], index, data.users,
-                                   model_cfg.max_history, encode=encode, basket_history=True, seed=cfg.seed)
-            if cfg.recent_days is not None:
-                train = train.subset(train.ts > start)
-        model, history = train_user_tower(item_vectors, train, val, model_cfg, cfg, progress, item_bias=bias)
-        rec = cls(item_ids, item_vectors, model, ProfileStats.from_dict(history["profile_stats"]),
-                  examples.body_vocab, drop=kwargs.pop("drop", cfg.drop), cache_dir=data.cache_dir, **kwargs)
-        rec.history = history
-        return rec.fit(data)
+    def item_vectors(self, data: TrainData) -> np.ndarray:
+        """The frozen item-tower vectors of the catalogue (read from the encoded file when it holds them)."""
+        return catalogue_vectors(self.item_checkpoint, data, self.vectors_file)
 
     def fit(self, data: TrainData) -> Self:
-        """Popularity for the fallback and the keys' popularity column (the tower itself is trained by
-        ``train_user_tower``)."""
-        super().fit(data)
-        if self.cache_dir is None:
-            self.cache_dir = data.cache_dir
-        cfg = self.model.config
-        bias = log_popularity(data.interactions, self.item_index, self.window_days, cfg.bias_segments,
-                              cfg.segment_window_days)
-        self.keys = retrieval_keys(self.item_vectors, bias if self.model.config.item_bias else None)
+        """Train (or reload an identical earlier fit of) the user tower on ``data.interactions``."""
+        ids = data.items["item_id"].astype(str).tolist()
+        vectors = self.item_vectors(data)
+        model_cfg = UserTowerConfig(item_dim=vectors.shape[1], item_bias=self.item_bias)
+        key = fingerprint(data, vectors, self.cfg, model_cfg)
+        path = data.cache_dir / "user_towers" / f"{data.dataset}-{key}.pt"
+        opts: dict[str, Any] = {"window_days": self.window_days, "exclude_history": self.exclude_history,
+                                "drop": self.cfg.drop, "name": self.name}
+        if path.is_file():
+            rec = UserTowerRecommender.from_checkpoint(path, ids, vectors, cache_dir=data.cache_dir, **opts).fit(data)
+        else:
+            rec = train_user_recommender(data, ids, vectors, self.cfg, model_cfg, self.progress, **opts)
+            save_user_checkpoint(rec.model, path, rec.stats, rec.body_vocab, file_id(self.item_checkpoint),
+                                 extra={"history": rec.history, "dataset": data.dataset, "fingerprint": key,
+                                        "train_window": [str(data.interactions["ts"].min()),
+                                                         str(data.interactions["ts"].max())]})
+        self.retriever, self.checkpoint = rec, path
         return self
 
-    def inputs(self, queries: Sequence[Query]) -> UserInputs:
-        """Tower inputs for queries (parts in ``drop`` hidden)."""
-        encode = self.context_encoder or partial(encode_texts, cache_dir=self.cache_dir)
-        return user_inputs_for(queries, self.item_index, self.item_vectors, encode, self.stats, self.body_vocab,
-                               self.model.config.max_history, self.drop)
-
-    def user_vectors(self, queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray]:
-        """(n, dim) user vectors and (n,) bool: whether each query had any usable part."""
-        x = self.inputs(queries)
-        device = next(self.model.parameters()).device
-        with torch.inference_mode():
-            vecs = [self.model(_slice(x, s, self.batch_users).to(device)).float().cpu().numpy()
-                    for s in range(0, len(x), self.batch_users)]
-        dim = self.model.config.query_dim
-        return (np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)), x.present().any(1).numpy()
-
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
-        """Top-k catalogue items by inner product with each user's vector."""
-        if self.keys is None:
-            raise RuntimeError("call fit() first: the retrieval keys need the interaction log's popularity")
-        keys = self.keys
-        users, usable = self.user_vectors(queries)
-        k_items = min(k, len(self.item_ids))
-        # Queries answered by popularity alone skip the catalogue scan.
-        popular_only = self.fallback_popular & ~usable & (len(self.popular) >= k + (
-            max((len(q.history) for q in queries), default=0) if self.exclude_history else 0))
-        out: list[list[str]] = [[] for _ in queries]
-        for qi in np.flatnonzero(popular_only):
-            exclude = frozenset(queries[int(qi)].history) if self.exclude_history else frozenset()
-            out[qi] = fill(self.popular, [], k, exclude)
-        rows = np.flatnonzero(~popular_only)
-        for s in range(0, len(rows), self.batch_users):
-            batch = rows[s : s + self.batch_users]
-            scores = users[batch] @ keys.T  # (batch, n_items)
-            if self.exclude_history:
-                for r, qi in enumerate(batch):
-                    seen = [self.item_index[i] for i in queries[int(qi)].history if i in self.item_index]
-                    scores[r, seen] = -np.inf
-            top = np.argpartition(-scores, kth=k_items - 1, axis=1)[:, :k_items]
-            order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-            ranked = np.take_along_axis(top, order, axis=1)
-            for r, qi in enumerate(batch):
-                exclude = frozenset(queries[int(qi)].history) if self.exclude_history else frozenset()
-                tower = [str(self.item_ids[j]) for j in ranked[r]]
-                first, then = (self.popular, tower) if self.fallback_popular and not usable[qi] else (tower, [])
-                out[qi] = fill(first, then or self.popular, k, exclude)
-        return out
-
-
-def _slice(x: UserInputs, start: int, size: int) -> UserInputs:
-    return UserInputs(x.history[start : start + size], x.history_mask[start : start + size],
-                      x.context[start : start + size], x.context_mask[start : start + size],
-                      x.profile[start : start + size], x.body_type[start : start + size])
+        """Top-k items per query from the trained tower."""
+        if self.retriever is None:
+            raise RuntimeError("call fit() first")
+        return self.retriever.recommend(queries, k)

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks, their result files (``benchmarks/results/``) and the tables generated from them."""

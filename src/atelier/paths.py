@@ -1,0 +1,121 @@
+"""The run folder's layout: the one place that knows where every artifact lives.
+
+::
+
+    <run_dir>/data/<dataset>/       ingested tables + manifest.json
+    <run_dir>/items/<dataset>.<kind>.jsonl   item JSON (kind: columns, enriched)
+    <run_dir>/vocab/vocab.json      the dual vocabulary
+    <run_dir>/features/             caches keyed by content (MiniLM text vectors, user-tower fits)
+    <run_dir>/models/               item_tower-<dataset>.pt, user_tower-<dataset>.pt, ranker-<dataset>.pt, the GGUF
+    <run_dir>/vectors/<dataset>/<checkpoint id>.npz   every item's vector under one item-tower checkpoint
+    <run_dir>/index/<dataset>.json, <dataset>-two_tower.json   what the store serves (pointers + probes)
+    <run_dir>/enrich/cache.jsonl    LLM answers by content hash, prompt version and model
+    <run_dir>/reports/              evaluation reports, plots, coverage, neighbour pages
+    <run_dir>/serve/                the web service's logs (failed ingests)
+    <run_dir>/pgdata/               the embedded PostgreSQL
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GGUF_NAME = "gemma3-270m-q4_k_m.gguf"  # the embedded LLM, assembled from its PyPI parts on first use
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every artifact path under one run folder."""
+
+    root: Path
+
+    # -- data ---------------------------------------------------------------------------------
+
+    @property
+    def data(self) -> Path:
+        """The ingested datasets' parent folder."""
+        return self.root / "data"
+
+    def dataset(self, dataset: str) -> Path:
+        """One ingested dataset's tables and manifest."""
+        return self.data / dataset
+
+    def items(self, dataset: str, kind: str = "columns") -> Path:
+        """A dataset's item JSON lines: ``columns`` (STD from catalogue columns) or ``enriched``."""
+        return self.root / "items" / f"{dataset}.{kind}.jsonl"
+
+    @property
+    def vocab(self) -> Path:
+        """The shared dual vocabulary."""
+        return self.root / "vocab" / "vocab.json"
+
+    # -- caches and models --------------------------------------------------------------------
+
+    @property
+    def features(self) -> Path:
+        """Content-keyed caches of expensive features (MiniLM text vectors)."""
+        return self.root / "features"
+
+    @property
+    def user_tower_fits(self) -> Path:
+        """Every user-tower fit, keyed by a hash of its training log, item vectors and configs."""
+        return self.features / "user_towers"
+
+    @property
+    def models(self) -> Path:
+        """Checkpoints and model files."""
+        return self.root / "models"
+
+    def item_tower(self, dataset: str) -> Path:
+        """A dataset's item tower checkpoint."""
+        return self.models / f"item_tower-{dataset}.pt"
+
+    def user_tower(self, dataset: str) -> Path:
+        """A dataset's user tower checkpoint (the one that is served)."""
+        return self.models / f"user_tower-{dataset}.pt"
+
+    def ranker(self, dataset: str) -> Path:
+        """A dataset's DeepFM reranker."""
+        return self.models / f"ranker-{dataset}.pt"
+
+    @property
+    def gguf(self) -> Path:
+        """Where the embedded LLM's GGUF is assembled unless the settings name another file."""
+        return self.models / GGUF_NAME
+
+    # -- vectors and the store ----------------------------------------------------------------
+
+    def vectors_dir(self, dataset: str) -> Path:
+        """A dataset's encoded vectors, one file per item-tower checkpoint."""
+        return self.root / "vectors" / dataset
+
+    def vectors(self, dataset: str, checkpoint_id: str) -> Path:
+        """Every item's vector under the checkpoint with this content id."""
+        return self.vectors_dir(dataset) / f"{checkpoint_id}.npz"
+
+    def index_pointer(self, dataset: str, model: str = "item_tower") -> Path:
+        """What ``atelier index`` (``item_tower``) or the user-tower stage (``two_tower``) loaded into the store."""
+        suffix = "" if model == "item_tower" else f"-{model}"
+        return self.root / "index" / f"{dataset}{suffix}.json"
+
+    @property
+    def pgdata(self) -> Path:
+        """The embedded PostgreSQL's data folder."""
+        return self.root / "pgdata"
+
+    # -- enrichment, reports, serving ---------------------------------------------------------
+
+    @property
+    def enrich_cache(self) -> Path:
+        """LLM answers keyed by content hash, prompt version and model id."""
+        return self.root / "enrich" / "cache.jsonl"
+
+    @property
+    def reports(self) -> Path:
+        """Evaluation reports, plots, the coverage report, neighbour pages."""
+        return self.root / "reports"
+
+    @property
+    def serve_errors(self) -> Path:
+        """Failed ingests of the web service, one JSON line each."""
+        return self.root / "serve" / "ingest-errors.jsonl"
