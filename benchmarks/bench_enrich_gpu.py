@@ -183,7 +183,6 @@ def export(dataset: str, out: Path, chat: str, limit: int | None) -> None:
     from atelier.config import Settings
     from atelier.enrich.batch import load_products
     from atelier.enrich.core import EnrichOptions, prepare
-    from atelier.enrich.embedded import GGUF_NAME
     from atelier.schema import load_schema
 
     settings, schema = Settings(), load_schema()
@@ -191,7 +190,7 @@ def export(dataset: str, out: Path, chat: str, limit: int | None) -> None:
     t0 = time.perf_counter()
     products = load_products(settings, dataset, limit, schema)
     print(f"{len(products)} products ({time.perf_counter() - t0:.0f}s)", flush=True)
-    vocab = Llama(model_path=str(settings.run_dir / "models" / GGUF_NAME), vocab_only=True, verbose=False)
+    vocab = Llama(model_path=str(settings.gguf_path()), vocab_only=True, verbose=False)
 
     def fmt(content: str) -> str:
         if chat == "llama-2":  # what create_chat_completion does for a GGUF without a chat template
@@ -598,7 +597,6 @@ def pack_tower(dataset: str, out: Path, run_dir: Path) -> None:
 
     from atelier.catalogue import column_items
     from atelier.config import Settings
-    from atelier.content import vocab_path
     from atelier.enrich.shipped import with_shipped_re
     from atelier.ingest import load_tables
     from atelier.models.item_tower import item_inputs
@@ -606,12 +604,12 @@ def pack_tower(dataset: str, out: Path, run_dir: Path) -> None:
     from atelier.vocab import Vocab
 
     settings = Settings(run_dir=run_dir)
-    vocab = Vocab.load(vocab_path(settings))
-    items = load_tables(settings.dataset_dir(dataset))[0]
+    vocab = Vocab.load(settings.paths.vocab)
+    items = load_tables(settings.paths.dataset(dataset))[0]
     jsons = with_shipped_re(column_items(items, dataset), dataset)
     titles = items["title"].fillna("").astype(str).tolist()
     texts = item_texts(titles, items["description"].fillna("").astype(str).tolist())
-    x = item_inputs(jsons, vocab, encode_texts(texts, settings.run_dir / "features"))
+    x = item_inputs(jsons, vocab, encode_texts(texts, settings.paths.features))
     text = x.text[:, 0].numpy()
     unique, inverse = np.unique(text, axis=0, return_inverse=True)
     fields = ("std_ids", "std_field_ids", "std_mask", "re_ids", "re_parent_ids", "re_field_ids", "re_mask")
@@ -628,13 +626,13 @@ def pack_tower(dataset: str, out: Path, run_dir: Path) -> None:
 
 def tower_eval(dataset: str, checkpoints: Path, run_dir: Path, out: Path) -> None:
     """Harness scores of item-tower checkpoints trained with and without the shipped RE values."""
-    from atelier.baselines import TextKNNRecommender
     from atelier.catalogue import column_items
     from atelier.config import Settings
-    from atelier.content import ItemTowerRecommender, mask_parts
     from atelier.enrich.shipped import with_shipped_re
     from atelier.evaluate import evaluate, write_report
-    from atelier.models.item_tower import item_inputs
+    from atelier.models.item_tower import item_inputs, mask_parts
+    from atelier.recommend.baselines import TextKNNRecommender
+    from atelier.recommend.content import ItemTowerRecommender
     from atelier.recommender import Recommender, TrainData
     from atelier.text import encode_texts, item_texts
     from atelier.vocab import Vocab
@@ -643,7 +641,7 @@ def tower_eval(dataset: str, checkpoints: Path, run_dir: Path, out: Path) -> Non
         """The tower over item JSON that carries the shipped RE values."""
 
         def item_vectors(self, data: TrainData) -> Any:
-            from atelier.content import encode_items, load_checkpoint
+            from atelier.models.item_tower import encode_items, load_checkpoint
 
             model, payload = load_checkpoint(self.checkpoint)
             vocab = Vocab.from_dict(payload["vocab"])
@@ -664,7 +662,7 @@ def tower_eval(dataset: str, checkpoints: Path, run_dir: Path, out: Path) -> Non
         cls = WithRE if with_re else ItemTowerRecommender
         recs.append(cls(path, window_days=3.0, name=f"tower:{key}", use_std=flags[0], use_re=flags[1],
                         use_text=flags[2]))
-    report = evaluate(dataset, settings.dataset_dir(dataset), recs, settings.run_dir / "features",
+    report = evaluate(dataset, settings.paths.dataset(dataset), recs, settings.paths.features,
                       on_model=lambda n: print("evaluating", n, flush=True))
     report["command"] = f"python benchmarks/bench_enrich_gpu.py tower-eval --checkpoints {checkpoints}"
     path = write_report({**report, "dataset": f"{dataset}-item-tower-re"}, out)

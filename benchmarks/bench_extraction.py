@@ -22,22 +22,29 @@ Methods, per field (no answer or ``unknown`` counts as wrong):
   read from one scoring pass per product;
 - ``minilm``: nearest label or synonym in MiniLM space; ``keyword``: the schema's keyword rules;
   ``keyword_or_majority`` / ``keyword_or_minilm``: keyword rules, else the majority class / MiniLM;
-  ``majority``: the most frequent gold value outside the sample.
+  ``majority``: the most frequent gold value outside the sample;
+- ``--supervised``: ``tfidf_lr`` (TF-IDF of word 1-2-grams + logistic regression) and ``minilm_lr``
+  (MiniLM vector + logistic regression), one classifier per field, trained on exactly the LoRA
+  adapter's labelled items (``training_pool``: 4,000 per catalogue, none sharing an evaluation
+  item's id, ``group_id`` or normalised text); ``--lora`` the adapter on CPU (``embedded-ll-lora``),
+  ``--lora-picks`` its GPU-scored picks from ``bench_lora_gpu.py run`` (``loglik_lora_gpu``).
 
 The sample is split once (``--split-seed``) into a tuning half and a test half. ``--write-sources``
 writes the per-field choice made on the tuning half (pooled over catalogues; an LLM method only
-where it strictly beats every baseline) to ``atelier/enrich/field_sources.toml``; report the test
-half. Results go to ``benchmarks/results/extraction-<date>-<tag>.json``; Markdown tables of both
-halves are printed.
+where it strictly beats every zero-shot and every supervised baseline) to
+``atelier/enrich/field_sources.toml``; report the test half. Results go to
+``benchmarks/results/extraction-<date>-<tag>.json``; Markdown tables of both halves are printed.
 
-``python benchmarks/bench_extraction.py gold [--llm-n 40]`` scores the same methods against the
-hand-annotated gold set (``benchmarks/gold/*.jsonl``, guide ``benchmarks/gold/GUIDE.md``, helpers
-``benchmarks/gold_set.py``) on its test split, for every STD field the annotators filled: the
-baselines on all test products (majority = the train split's most frequent value), the LLM
-variants on the first ``--llm-n`` test products by item id (CPU time), and what ``hybrid`` answers
-under ``field_sources.toml``. The generating backend is also asked every RE field, and its phrases
-are scored against the gold phrases (token-overlap match, see ``phrase_match``; echo share of
-prompt wording). Results: ``benchmarks/results/extraction-gold-<date>.json``.
+``python benchmarks/bench_extraction.py gold [--llm-n 40]`` scores the same methods against the gold set
+(``benchmarks/gold/*.jsonl``: labels written by language-model sessions following the guide
+``benchmarks/gold/GUIDE.md``, see its README; helpers ``benchmarks/gold_set.py``) on its test split, for
+every STD field the annotators filled: the baselines on all test products (majority = the train split's
+most frequent value), the LLM variants on the first ``--llm-n`` test products by item id (CPU time), and
+what ``hybrid`` answers under ``field_sources.toml``. The generating backend is also asked every RE
+field, and its phrases are scored against the gold phrases (token-overlap match, see ``phrase_match``;
+echo share of prompt wording). Results: ``benchmarks/results/extraction-gold-<date>.json``.
+``python benchmarks/bench_extraction.py agreement`` compares a second annotation pass
+(``benchmarks/gold/second_pass.jsonl``) with the gold set. Tables: ``benchmarks/tables_extraction.py``.
 """
 
 from __future__ import annotations
@@ -145,9 +152,200 @@ def scored(preds: list[str | None], gold: list[dict[str, str]], field: str,
     return out
 
 
+# --- the labelled training pool (LoRA and the supervised baselines share it) -------------------------------------
+
+POOL_N, POOL_SEED = 4000, 7  # per catalogue; the LoRA adapter's training items (bench_lora_gpu.py export)
+
+
+def seen_text(dataset: str, title: Any, description: Any) -> tuple[str, str]:
+    """(title, description) as the extractors see them: H&M name + description, Myntra the title alone."""
+    desc = "" if dataset == "myntra" or description is None or pd.isna(description) else str(description)
+    return ("" if title is None or pd.isna(title) else str(title)), desc
+
+
+def text_key(title: str, description: str) -> str:
+    """Normalised product text for duplicate detection: lower-case words and digits, single spaces."""
+    import re
+
+    return " ".join(re.findall(r"[a-z0-9]+", product_text(title, description).lower()))
+
+
+def held_out(settings: Settings, dataset: str, n: int = 100, seed: int = 0) -> pd.DataFrame:
+    """Every evaluation item of a catalogue: the benchmark sample (tuning and test halves) and the whole gold set."""
+    items = load_tables(settings.dataset_dir(dataset))[0]
+    sampled = set(items.sample(n=n, random_state=seed)["item_id"].astype(str))
+    gold_path = ROOT / "benchmarks" / "gold" / f"{dataset}.jsonl"
+    lines = gold_path.read_text().splitlines() if gold_path.is_file() else []
+    gold = {json.loads(line)["item_id"] for line in lines}
+    return items[items["item_id"].astype(str).isin(sampled | gold)]
+
+
+def training_pool(settings: Settings, dataset: str, n_train: int = POOL_N, seed: int = POOL_SEED,
+                  rule: str = "group+text") -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The labelled items the LoRA and the supervised baselines learn from, and what was kept out.
+
+    ``rule="group+text"`` (issue #17): no item of an evaluation item's ``group_id`` (H&M product_code:
+    the colourways share the description) and no item whose normalised text equals an evaluation
+    item's. ``rule="id"``: the first adapter's pool (evaluation ids only), kept to count its leaks.
+    """
+    items = load_tables(settings.dataset_dir(dataset))[0]
+    held = held_out(settings, dataset)
+    ids = items["item_id"].astype(str)
+    keys = pd.Series([text_key(*seen_text(dataset, t, d)) for t, d in zip(items["title"], items["description"],
+                                                                          strict=True)], index=items.index)
+    held_keys = set(keys[held.index])
+    out_id = ids.isin(set(held["item_id"].astype(str)))
+    out_group = items["group_id"].astype(str).isin(set(held["group_id"].astype(str))) & ~out_id
+    out_text = keys.isin(held_keys) & ~out_id & ~out_group
+    if rule == "id":
+        keep = ~out_id
+    elif rule == "group+text":
+        keep = ~(out_id | out_group | out_text)
+    else:
+        raise ValueError(f"unknown pool rule {rule!r}")
+    pool = items[keep].sample(n=n_train, random_state=seed)
+    report = {"rule": rule, "catalogue": len(items), "evaluation_items": len(held),
+              "excluded": {"evaluation_id": int(out_id.sum()), "same_group_id": int(out_group.sum()),
+                           "same_normalised_text": int(out_text.sum())},
+              "candidates": int(keep.sum()), "n_train": n_train, "seed": seed}
+    return pool, report
+
+
+def pool_leaks(settings: Settings, dataset: str, pool: pd.DataFrame) -> dict[str, Any]:
+    """Per evaluation set, how many items share a normalised text or a group_id with a pool item."""
+    items = load_tables(settings.dataset_dir(dataset))[0].set_index("item_id")
+    pool_keys = {text_key(*seen_text(dataset, t, d)) for t, d in zip(pool["title"], pool["description"], strict=True)}
+    pool_groups = set(pool["group_id"].astype(str))
+    products, _, _ = sample(settings, dataset, 100, 0)
+    halves = split_halves(len(products), 1)
+    sets = {part: [products[i].item_id for i in halves[part]] for part in ("tune", "test")}
+    gold_path = ROOT / "benchmarks" / "gold" / f"{dataset}.jsonl"
+    if gold_path.is_file():
+        recs = [json.loads(line) for line in gold_path.read_text().splitlines()]
+        sets["gold_test"] = [r["item_id"] for r in recs if r["split"] == "test"]
+    out = {}
+    for name, ids in sets.items():
+        rows = items.loc[ids]
+        keys = [text_key(*seen_text(dataset, t, d)) for t, d in zip(rows["title"], rows["description"], strict=True)]
+        out[name] = {"n": len(ids), "same_text_in_pool": sum(k in pool_keys for k in keys),
+                     "same_group_in_pool": int(rows["group_id"].astype(str).isin(pool_groups).sum())}
+    return out
+
+
+def pool_rows(settings: Settings, datasets: list[str] | None = None) -> list[dict[str, Any]]:
+    """The pool as labelled rows: dataset, item id, text, {field: column label} (the LoRA's training rows)."""
+    schema = load_schema()
+    rows = []
+    for ds in datasets or list(FIELDS):
+        pool, _ = training_pool(settings, ds)
+        for item, r in zip(column_items(pool, ds, schema), pool.itertuples(index=False), strict=True):
+            labels = {f: item.clothes[f][0] for f in FIELDS[ds]
+                      if item.clothes.get(f) and item.clothes[f][0] in schema.std[f].values}
+            rows.append({"dataset": ds, "item_id": str(r.item_id),
+                         "text": product_text(*seen_text(ds, r.title, r.description)), "labels": labels})
+    return rows
+
+
+SUPERVISED = ("tfidf_lr", "minilm_lr")
+
+
+def fit_supervised(rows: list[dict[str, Any]], fields: list[str], settings: Settings) -> dict[str, Any]:
+    """Per method and field, a classifier trained on the pool rows that carry that field's label.
+
+    ``tfidf_lr``: TF-IDF of word 1-2-grams (sublinear tf) + multinomial logistic regression;
+    ``minilm_lr``: the MiniLM sentence vector + logistic regression. C (1 or 10) is picked per field by
+    3-fold cross-validation on the pool alone (never on an evaluation item).
+    """
+    import hashlib
+    import pickle
+    import warnings
+
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    from atelier.text import encode_texts
+
+    # The main and the gold run fit the same models: keep them (keyed by the rows and fields) for the second.
+    key = hashlib.sha256(json.dumps([rows, fields], sort_keys=True).encode()).hexdigest()[:16]
+    cached = settings.run_dir / "features" / f"supervised-{key}.pkl"
+    if cached.is_file():
+        with cached.open("rb") as fh:
+            return dict(pickle.load(fh))
+    texts = [r["text"] for r in rows]
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit(texts)
+    feats = {"tfidf_lr": tfidf.transform(texts),
+             "minilm_lr": encode_texts(texts, settings.run_dir / "features")}
+    models: dict[str, Any] = {"tfidf": tfidf, "fits": {}}
+    for method, x in feats.items():
+        for f in fields:
+            idx = [i for i, r in enumerate(rows) if f in r["labels"]]
+            if not idx:
+                continue
+            y = [rows[i]["labels"][f] for i in idx]
+            counts = Counter(y)
+            folds = StratifiedKFold(3, shuffle=True, random_state=0)  # classes under 3 items: sklearn warns, copes
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                grid = GridSearchCV(LogisticRegression(max_iter=1000, tol=1e-3), {"C": [1.0, 10.0]}, cv=folds,
+                                    n_jobs=1).fit(x[idx], y)
+            model, c = grid.best_estimator_, grid.best_params_["C"]
+            models["fits"][(method, f)] = {"model": model, "C": c, "n": len(idx), "classes": len(counts)}
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with cached.open("wb") as fh:
+        pickle.dump(models, fh)
+    return models
+
+
+def predict_supervised(models: dict[str, Any], texts: list[str], fields: list[str],
+                       settings: Settings) -> dict[str, dict[str, list[str | None]]]:
+    """Each supervised method's pick per field for ``texts`` (None for a field it was not trained on)."""
+    from atelier.text import encode_texts
+
+    x = {"tfidf_lr": models["tfidf"].transform(texts), "minilm_lr": encode_texts(texts, settings.run_dir / "features")}
+    out: dict[str, dict[str, list[str | None]]] = {}
+    for method in SUPERVISED:
+        out[method] = {}
+        for f in fields:
+            fit = models["fits"].get((method, f))
+            out[method][f] = [str(v) for v in fit["model"].predict(x[method])] if fit else [None] * len(texts)
+    return out
+
+
+def write_supervised(out: Path, models: dict[str, Any], rows: list[dict[str, Any]],
+                     settings: Settings) -> dict[str, Any]:
+    """Save the tfidf_lr models as the ``tfidf-lr`` backend's files; check the backend answers as they do."""
+    from atelier.enrich.supervised import TfidfLogRegExtractor, save_model
+
+    fits = {f: fit["model"] for (m, f), fit in models["fits"].items() if m == "tfidf_lr"}
+    pools = {ds: training_pool(settings, ds)[1] for ds in FIELDS}
+    manifest = {"trained_by": "benchmarks/bench_extraction.py --supervised --write-supervised",
+                "git_commit": git_commit(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "training_pool": pools, "rows": len(rows),
+                "labels": "catalogue columns through schema/mappings (H&M category, colour, print, gender; "
+                          "Myntra category, colour, gender, season, occasion)",
+                "C": {f: models["fits"][("tfidf_lr", f)]["C"] for f in fits},
+                "classifier": "sklearn LogisticRegression (lbfgs, multinomial), C by 3-fold CV on the pool"}
+    save_model(out, models["tfidf"], fits, manifest)
+    backend = TfidfLogRegExtractor(model_dir=out)
+    texts = [r["text"] for r in rows[::10]]
+    want = predict_supervised(models, texts, sorted(fits), settings)["tfidf_lr"]
+    got = backend.pick_many(texts, sorted(fits))
+    same = sum(g.get(f) == want[f][i] for i, g in enumerate(got) for f in fits) / (len(texts) * len(fits))
+    if same < 1.0:
+        raise SystemExit(f"--write-supervised: the tfidf-lr backend agrees on only {same:.4f} of the answers")
+    return {"dir": str(out), "model_id": backend.model_id, "agreement_on_pool_sample": same,
+            "bytes": sum(p.stat().st_size for p in out.iterdir())}
+
+
+def supervised_summary(models: dict[str, Any]) -> dict[str, Any]:
+    """What each supervised fit was trained on (JSON-ready)."""
+    return {f"{m}/{f}": {k: v for k, v in fit.items() if k != "model"} for (m, f), fit in models["fits"].items()}
+
+
 def run_backend(products: list[RawProduct], fields: list[str], backend: str, settings: Settings,
                 cache_file: Path, dataset: str, re_fields: tuple[str, ...] = ()
-                ) -> tuple[dict[str, list[str | None]], dict[str, Any]]:
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Predictions per field and run statistics of one backend through the enrichment path (cached).
 
     With ``re_fields``, the RE phrases per product come back under the key ``"re"`` of the predictions.
@@ -171,7 +369,7 @@ def run_backend(products: list[RawProduct], fields: list[str], backend: str, set
     wall = time.perf_counter() - start
     fresh = [r for r in results if not r.cached]
     model_seconds = sum(r.seconds for r in fresh)
-    preds: dict[str, Any] = {f: [(r.extracted.get("clothes", {}).get(f) or [None])[0] for r in results]
+    preds: dict[str, Any] = {f: [next(iter(r.extracted.get("clothes", {}).get(f) or []), None) for r in results]
                              for f in fields}
     if re_fields:
         preds["re"] = [r.extracted.get("re", {}) for r in results]
@@ -235,9 +433,24 @@ def run_loglik(products: list[RawProduct], fields: list[str], settings: Settings
     return out, stats
 
 
+def lora_picks(path: Path, key: str, item_ids: list[str], fields: list[str]) -> dict[str, list[str | None]]:
+    """The GPU-scored LoRA picks (``bench_lora_gpu.py run``'s ``picks_lora[key]``) of ``item_ids``, per field."""
+    got = {r["item_id"]: r["picks"] for r in json.loads(path.read_text())["picks_lora"].get(key, [])}
+    missing = [i for i in item_ids if i not in got]
+    if missing:
+        raise SystemExit(f"--lora-picks {path}: {key} lacks {len(missing)} of the items (e.g. {missing[0]})")
+    return {f: [got[i].get(f) for i in item_ids] for f in fields}
+
+
 def run_dataset(settings: Settings, dataset: str, n: int, seed: int, split_seed: int, backends: list[str],
-                loglik: bool, cache_file: Path, lora: bool = False) -> dict[str, Any]:
-    """Extract, score and compare with the baselines on one catalogue."""
+                loglik: bool, cache_file: Path, lora: bool = False, supervised: dict[str, Any] | None = None,
+                lora_n: int | None = None, picks: Path | None = None) -> dict[str, Any]:
+    """Extract, score and compare with the baselines on one catalogue.
+
+    ``supervised``: fitted ``fit_supervised`` models, scored on every product. ``lora_n``: the CPU LoRA
+    scores only the first N products of each half (both halves keep their items; None = all).
+    ``picks``: a ``bench_lora_gpu.py run`` report whose GPU picks join as ``loglik_lora_gpu``.
+    """
     schema = load_schema()
     products, gold, majority = sample(settings, dataset, n, seed)
     fields = FIELDS[dataset]
@@ -249,9 +462,32 @@ def run_dataset(settings: Settings, dataset: str, n: int, seed: int, split_seed:
     if loglik:
         ll_preds, runs["loglik"] = run_loglik(products, fields, settings, dataset)
         preds.update(ll_preds)
+    lora_idx = sorted(i for part in halves.values() for i in part[:lora_n])
     if lora:
-        lora_preds, runs["loglik_lora"] = run_loglik(products, fields, settings, dataset, lora=True)
-        preds.update(lora_preds)
+        lora_preds, runs["loglik_lora"] = run_loglik([products[i] for i in lora_idx], fields, settings, dataset,
+                                                     lora=True)
+        full: dict[str, list[str | None]] = {f: [None] * len(products) for f in fields}
+        for f in fields:
+            for j, i in enumerate(lora_idx):
+                full[f][i] = lora_preds["loglik_lora"][f][j]
+        preds["loglik_lora"] = full
+        runs["loglik_lora"]["items"] = [products[i].item_id for i in lora_idx]
+    if picks is not None:
+        ids = [p.item_id for p in products]
+        gpu: dict[str, list[str | None]] = {f: [None] * len(products) for f in fields}
+        for key, part in (("sample_tune", halves["tune"]), ("sample_test", halves["test"])):
+            got = lora_picks(picks, f"{dataset}/{key}", [ids[i] for i in part], fields)
+            for f in fields:
+                for j, i in enumerate(part):
+                    gpu[f][i] = got[f][j]
+        preds["loglik_lora_gpu"] = gpu
+        runs["loglik_lora_gpu"] = {"report": str(picks)}
+    if supervised is not None:
+        start = time.perf_counter()
+        preds.update(predict_supervised(supervised, [product_text(p.title, p.description) for p in products], fields,
+                                        settings))
+        runs["supervised"] = {"predict_seconds": round(time.perf_counter() - start, 2),
+                              "fits": supervised_summary(supervised)}
     start = time.perf_counter()
     near = NearestLabelExtractor(schema).pick_many([product_text(p.title, p.description) for p in products], fields)
     runs["minilm"] = {"items_per_s": round(len(products) / (time.perf_counter() - start), 1),
@@ -263,19 +499,24 @@ def run_dataset(settings: Settings, dataset: str, n: int, seed: int, split_seed:
     preds["keyword_or_minilm"] = {f: [k or m for k, m in zip(kw[f], preds["minilm"][f], strict=True)]
                                   for f in fields}
     preds["majority"] = {f: [majority[f]] * len(products) for f in fields}
+    # Where the CPU LoRA scored only part of each half, every method is also scored on that part.
+    parts = dict(halves)
+    if lora and lora_n is not None:
+        parts.update(tune_lora=halves["tune"][:lora_n], test_lora=halves["test"][:lora_n])
     table: dict[str, dict[str, Any]] = {}
     for f in fields:
         row: dict[str, Any] = {"source_column": SOURCE_COLUMN[dataset][f], "majority_value": majority[f],
-                               "methods": {m: scored(p[f], gold, f, halves) for m, p in preds.items()}}
+                               "methods": {m: scored(p[f], gold, f, parts) for m, p in preds.items()}}
         row["top_answers"] = {m: Counter(v for v in p[f] if v).most_common(3) for m, p in preds.items()}
         row["tune_gold"] = [gold[i][f] for i in halves["tune"] if f in gold[i]]
         table[f] = row
     return {"dataset": dataset, "n": len(products), "seed": seed, "split_seed": split_seed,
             "halves": {k: [products[i].item_id for i in v] for k, v in halves.items()},
+            "lora_parts": {k: [products[i].item_id for i in v] for k, v in parts.items() if k not in halves},
             "fields": table, "runs": runs}
 
 
-# --- gold set (issue #5 part 7): hand annotations, test split ------------------------------------------------
+# --- gold set (issue #5 part 7): model-written annotations, test split ---------------------------------------------
 
 GOLD_FIELDS = ["category", "category_specification", "color", "gender", "print", "season", "occasion", "style",
                "fiber_composition", "detail", "fit", "elasticity", "transparency", "isfleece", "top.length_type",
@@ -403,7 +644,7 @@ def hybrid_preds(preds: dict[str, dict[str, list[str | None]]], field: str, n: i
 
 
 def gold_dataset(settings: Settings, dataset: str, path: Path, args: argparse.Namespace,
-                 cache_file: Path) -> dict[str, Any]:
+                 cache_file: Path, supervised: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score every method on the test split of one gold file."""
     from gold_set import load as load_gold
 
@@ -474,6 +715,14 @@ def gold_dataset(settings: Settings, dataset: str, path: Path, args: argparse.Na
             for j, i in enumerate(llm_idx):
                 full[f][i] = lora_ll["loglik_lora"][f][j]
         preds["loglik_lora"] = full
+    if args.lora_picks is not None:  # GPU-scored LoRA picks: every test product
+        got = lora_picks(args.lora_picks, f"{dataset}/gold_test", [r["item_id"] for r in test], GOLD_LL_FIELDS)
+        preds["loglik_lora_gpu"] = {f: got.get(f, [None] * len(test)) for f in GOLD_FIELDS}
+        runs["loglik_lora_gpu"] = {"report": str(args.lora_picks)}
+    if supervised is not None:
+        sup = predict_supervised(supervised, texts, GOLD_LL_FIELDS, settings)
+        for m, per_field in sup.items():
+            preds[m] = {f: per_field.get(f, [None] * len(test)) for f in GOLD_FIELDS}
     preds["hybrid"] = {f: hybrid_preds(preds, f, len(test)) for f in GOLD_FIELDS}
     llm_set = set(llm_idx)
     table: dict[str, Any] = {}
@@ -491,6 +740,8 @@ def gold_dataset(settings: Settings, dataset: str, path: Path, args: argparse.Na
         for m, p in preds.items():
             row["methods"][m]["text_grounded"] = gold_accuracy(p[f], grounded)
         row["llm_subset_n"] = sum(bool(gold[f][i]) for i in llm_set)
+        if f not in FIELDS[dataset]:  # the GPU run scored only the catalogue's own benchmark fields
+            row["methods"].pop("loglik_lora_gpu", None)
         table[f] = row
     return {"dataset": dataset, "gold_file": str(path.relative_to(ROOT)), "n_train": len(train), "n_test": len(test),
             "llm_subset": [test[i]["item_id"] for i in llm_idx], "fields": table, "re": re_out, "runs": runs}
@@ -559,11 +810,21 @@ def gold_winners(report: dict[str, Any]) -> dict[str, Any]:
         llm_fields = {"embedded": GOLD_GEN_FIELDS, "loglik": GOLD_LL_FIELDS, "loglik_cal": GOLD_LL_FIELDS,
                       "loglik_lora": GOLD_LL_FIELDS}
         llm = {m: sub[m][0] / sub[m][1] for m in LLM_COLUMNS if m in sub and sub[m][1] and f in llm_fields[m]}
+        sup = {m: c / n for m, (c, n) in tot.items() if n and m in SUPERVISED and f in GOLD_LL_FIELDS}
+        if sup:
+            top_sup = max(sup, key=lambda m: sup[m])
+            entry.update(best_supervised=top_sup, best_supervised_acc=round(sup[top_sup], 3))
+        if "loglik_lora_gpu" in tot and tot["loglik_lora_gpu"][1] and f in GOLD_LL_FIELDS:
+            entry["loglik_lora_gpu_acc"] = round(tot["loglik_lora_gpu"][0] / tot["loglik_lora_gpu"][1], 3)
         if llm:
             top = max(llm, key=lambda m: llm[m])
             base_sub = sub[best][0] / sub[best][1]
             entry.update(best_llm=top, best_llm_acc_subset=round(llm[top], 3),
                          best_baseline_acc_subset=round(base_sub, 3), llm_beats_baseline=llm[top] > base_sub)
+            if sup:
+                sup_sub = max(sub[m][0] / sub[m][1] for m in sup if sub[m][1])
+                entry.update(best_supervised_acc_subset=round(sup_sub, 3),
+                             llm_beats_supervised=llm[top] > sup_sub)
         out[f] = entry
     return out
 
@@ -577,6 +838,10 @@ def gold_main(argv: list[str]) -> None:
     ap.add_argument("--backends", nargs="*", default=["embedded"], help="generating backends (RE phrases too)")
     ap.add_argument("--no-loglik", action="store_true", help="skip the log-likelihood scorer")
     ap.add_argument("--lora", action="store_true", help="also score with the LoRA adapter (embedded-ll-lora)")
+    ap.add_argument("--lora-picks", type=Path, help="bench_lora_gpu.py run report: its GPU picks join as "
+                    "loglik_lora_gpu (every test product)")
+    ap.add_argument("--supervised", action="store_true", help="add the supervised baselines (tfidf_lr, minilm_lr) "
+                    "trained on the LoRA's training pool")
     ap.add_argument("--tag", default="", help="suffix for the result file name")
     ap.add_argument("--table", type=Path, help="only print the tables of a saved gold report")
     args = ap.parse_args(argv)
@@ -588,13 +853,19 @@ def gold_main(argv: list[str]) -> None:
     commit = git_commit()
     cache_file = settings.run_dir / "enrich" / "bench-cache.jsonl"
     gold_dir = ROOT / "benchmarks" / "gold"
-    datasets = [gold_dataset(settings, ds, gold_dir / f"{ds}.jsonl", args, cache_file) for ds in args.datasets
-                if (gold_dir / f"{ds}.jsonl").exists()]
+    supervised, pool_info = None, None
+    if args.supervised:
+        rows = pool_rows(settings)
+        supervised = fit_supervised(rows, sorted({f for fs in FIELDS.values() for f in fs}), settings)
+        pool_info = {"rows": len(rows), "pools": {ds: training_pool(settings, ds)[1] for ds in FIELDS},
+                     "fits": supervised_summary(supervised)}
+    datasets = [gold_dataset(settings, ds, gold_dir / f"{ds}.jsonl", args, cache_file, supervised)
+                for ds in args.datasets if (gold_dir / f"{ds}.jsonl").exists()]
     report: dict[str, Any] = {
         "command": " ".join(["bench_extraction.py", "gold", *argv]),
         "git_commit": commit, "machine": machine(), "load_average": os.getloadavg(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "prompt_version": PROMPT_VERSION,
-        "gold_guide": "benchmarks/gold/GUIDE.md",
+        "gold_guide": "benchmarks/gold/GUIDE.md", "training_pool": pool_info,
         "scoring": {"std": "a prediction is right when it is one of the gold values; gold null is skipped; "
                            "no answer or unknown is wrong; majority = most frequent gold value of the train split "
                            "of the same catalogue; LLM columns are measured on the first --llm-n test products "
@@ -622,9 +893,104 @@ def gold_main(argv: list[str]) -> None:
     print(f"written: {out}")
 
 
+def speed_main(argv: list[str]) -> None:
+    """``bench_extraction.py speed``: CPU speed of the tfidf-lr backend (load, batch, through the enrichment path)."""
+    from atelier.enrich.batch import load_products
+    from atelier.enrich.supervised import TfidfLogRegExtractor
+
+    ap = argparse.ArgumentParser(prog="bench_extraction.py speed", description=speed_main.__doc__)
+    ap.add_argument("--n", type=int, default=1000, help="H&M products for the batch timing")
+    ap.add_argument("--n-path", type=int, default=100, help="of those, products sent through enrich_products")
+    args = ap.parse_args(argv)
+    settings = Settings()
+    fields = ["category", "color", "print", "gender", "occasion"]
+    products = load_products(settings, "hm", args.n)
+    texts = [product_text(p.title, p.description) for p in products]
+    start = time.perf_counter()
+    ex = TfidfLogRegExtractor()
+    load_s = time.perf_counter() - start
+    ex.pick_many(texts[:10], fields)  # warm
+    start = time.perf_counter()
+    ex.pick_many(texts, fields)
+    batch_s = time.perf_counter() - start
+    options = EnrichOptions(full=True, fields=tuple(fields), re_fields=(), show_known=False)
+    start = time.perf_counter()
+    results = enrich_products(products[: args.n_path], ex, None, load_schema(), options)
+    path_s = time.perf_counter() - start
+    report = {"command": " ".join(["bench_extraction.py", "speed", *argv]), "git_commit": git_commit(),
+              "machine": machine(), "load_average": os.getloadavg(),
+              "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "backend": ex.model_id,
+              "fields": fields, "load_seconds": round(load_s, 3),
+              "batch": {"products": len(texts), "seconds": round(batch_s, 3),
+                        "products_per_s": round(len(texts) / batch_s, 1)},
+              "enrich_path": {"products": len(results), "seconds": round(path_s, 3),
+                              "products_per_s": round(len(results) / path_s, 1),
+                              "statuses": dict(Counter(r.status for r in results)),
+                              "note": "enrich_products without a cache: prompt building, the backend, parsing and "
+                                      "validation per product, up to 4 at a time"}}
+    path = ROOT / "benchmarks" / "results" / f"extraction-speed-{dt.date.today()}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=1))
+
+
+def agreement_main(argv: list[str]) -> None:
+    """``bench_extraction.py agreement``: the second annotation pass against the gold set, per field."""
+    ap = argparse.ArgumentParser(prog="bench_extraction.py agreement", description=agreement_main.__doc__)
+    ap.add_argument("--second", type=Path, default=ROOT / "benchmarks" / "gold" / "second_pass.jsonl")
+    args = ap.parse_args(argv)
+    second = [json.loads(line) for line in args.second.read_text().splitlines() if line.strip()]
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for ds in {r["dataset"] for r in second}:
+        for line in (ROOT / "benchmarks" / "gold" / f"{ds}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            first[(ds, rec["item_id"])] = rec
+    fields: dict[str, dict[str, Any]] = {}
+    for r in second:
+        gold = first[(r["dataset"], r["item_id"])]
+        for f, vals in r["std"].items():
+            row = fields.setdefault(f"{r['dataset']}/{f}", {"pairs": [], "second_null": 0, "first_null": 0})
+            g = gold["std"].get(f)
+            if not vals:
+                row["second_null"] += 1
+            elif not g:
+                row["first_null"] += 1
+            else:
+                row["pairs"].append((vals[0], g, f in gold.get("from_columns", [])))
+    out: dict[str, Any] = {}
+    for key, row in sorted(fields.items()):
+        pairs = row["pairs"]
+        n = len(pairs)
+        agree = sum(a in g for a, g, _ in pairs)
+        exact = sum(a == g[0] for a, g, _ in pairs)
+        # Cohen's kappa on the first values: observed agreement against chance from both passes' marginals.
+        a_counts, b_counts = Counter(a for a, _, _ in pairs), Counter(g[0] for _, g, _ in pairs)
+        chance = sum(a_counts[v] * b_counts[v] for v in a_counts) / n / n if n else float("nan")
+        kappa = (exact / n - chance) / (1 - chance) if n and chance < 1 else float("nan")
+        out[key] = {"n_both": n, "agree_any": agree, "agree_share": round(agree / n, 3) if n else None,
+                    "exact_first": exact, "kappa_first": round(kappa, 3) if kappa == kappa else None,
+                    "second_null": row["second_null"], "first_null": row["first_null"],
+                    "first_from_columns": sum(c for _, _, c in pairs),
+                    "disagreements": [{"second": a, "first": g} for a, g, _ in pairs if a not in g]}
+    report = {"command": " ".join(["bench_extraction.py", "agreement", *argv]), "git_commit": git_commit(),
+              "machine": machine(), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "second_pass": str(args.second.relative_to(ROOT)),
+              "how": "second pass: one language-model session (issue #17's extraction session, not the sessions that "
+                     "wrote the gold files), reading only the text the extractors see (H&M prod_name + detail_desc, "
+                     "Myntra title), following GUIDE.md, without the first pass's labels or the catalogue columns; "
+                     "the first 30 gold test items by item id per catalogue. agree_any: the second value is one of "
+                     "the first pass's values; kappa_first: Cohen's kappa of the two first values",
+              "fields": out}
+    path = ROOT / "benchmarks" / "results" / f"extraction-gold-agreement-{dt.date.today()}.json"
+    path.write_text(json.dumps(report, indent=2))
+    for key, row in out.items():
+        print(key, {k: v for k, v in row.items() if k != "disagreements"})
+    print(f"written: {path}")
+
+
 METHOD_NAMES = {
     "embedded": "generation (grammar)", "loglik": "log-likelihood", "loglik_cal": "log-likelihood, calibrated",
-    "loglik_lora": "log-likelihood + LoRA",
+    "loglik_lora": "log-likelihood + LoRA", "loglik_lora_gpu": "log-likelihood + LoRA (GPU picks)",
+    "tfidf_lr": "TF-IDF + LR (supervised)", "minilm_lr": "MiniLM + LR (supervised)",
     "minilm": "MiniLM nearest label", "keyword": "keyword rules", "keyword_or_majority": "keyword → majority",
     "keyword_or_minilm": "keyword → MiniLM",
     "majority": "majority class",
@@ -692,6 +1058,12 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["gold"]:
         gold_main(argv[1:])
         return
+    if argv[:1] == ["agreement"]:
+        agreement_main(argv[1:])
+        return
+    if argv[:1] == ["speed"]:
+        speed_main(argv[1:])
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=100, help="products per dataset (fixed random sample)")
     ap.add_argument("--seed", type=int, default=0)
@@ -700,6 +1072,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="generating backends run through the enrichment path (cached)")
     ap.add_argument("--no-loglik", action="store_true", help="skip the log-likelihood scorer")
     ap.add_argument("--lora", action="store_true", help="also score with the LoRA adapter (embedded-ll-lora)")
+    ap.add_argument("--lora-n", type=int, help="CPU LoRA on the first N products of each half only (all methods "
+                    "are then also scored on those: parts tune_lora / test_lora)")
+    ap.add_argument("--lora-picks", type=Path, help="bench_lora_gpu.py run report: its GPU picks join as "
+                    "loglik_lora_gpu")
+    ap.add_argument("--supervised", action="store_true", help="add the supervised baselines (tfidf_lr, minilm_lr) "
+                    "trained on the LoRA's training pool")
+    ap.add_argument("--write-supervised", type=Path, help="with --supervised: write the tfidf_lr models as the "
+                    "tfidf-lr backend's files (data/adapters/tfidf-lr-std) and check it answers the same")
     ap.add_argument("--datasets", nargs="+", default=["hm", "myntra"], choices=sorted(FIELDS))
     ap.add_argument("--write-sources", action="store_true",
                     help=f"write the per-field choice (tuning half) to {SOURCES_FILE.name}")
@@ -715,13 +1095,24 @@ def main(argv: list[str] | None = None) -> None:
         report = json.loads(args.from_report.read_text())
         datasets = report["datasets"]
     else:
+        supervised, pool_info = None, None
+        if args.supervised:
+            rows = pool_rows(settings)
+            start = time.perf_counter()
+            supervised = fit_supervised(rows, sorted({f for fs in FIELDS.values() for f in fs}), settings)
+            pool_info = {"rows": len(rows), "fit_seconds": round(time.perf_counter() - start, 1),
+                         "pools": {ds: training_pool(settings, ds)[1] for ds in FIELDS},
+                         "fits": supervised_summary(supervised)}
+            if args.write_supervised:
+                pool_info["shipped"] = write_supervised(args.write_supervised, supervised, rows, settings)
         datasets = [run_dataset(settings, ds, args.n, args.seed, args.split_seed, args.backends,
-                                not args.no_loglik, cache_file, args.lora) for ds in args.datasets]
+                                not args.no_loglik, cache_file, args.lora, supervised, args.lora_n, args.lora_picks)
+                    for ds in args.datasets]
         report = {
             "command": " ".join([Path(sys.argv[0]).name, *argv]),
             "git_commit": commit, "machine": machine(), "load_average": os.getloadavg(),
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "prompt_version": PROMPT_VERSION,
-            "datasets": datasets,
+            "training_pool": pool_info, "datasets": datasets,
         }
     if args.also:
         report["merged_from"] = {"report": str(args.also), "methods": merge_methods(

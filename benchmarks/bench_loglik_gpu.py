@@ -62,9 +62,8 @@ def export(out: Path, n: int, seed: int, n_extra: int) -> None:
     # (transformers' GGUF tokenizer splits some texts differently).
     from llama_cpp import Llama
 
-    from atelier.enrich.embedded import GGUF_NAME
 
-    vocab = Llama(model_path=str(settings.run_dir / "models" / GGUF_NAME), vocab_only=True, verbose=False)
+    vocab = Llama(model_path=str(settings.gguf_path()), vocab_only=True, verbose=False)
 
     def ids(text: str, bos: bool = False) -> list[int]:
         return list(vocab.tokenize(text.encode("utf-8"), add_bos=bos, special=True))

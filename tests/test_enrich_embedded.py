@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from atelier.enrich import EnrichCache, EnrichOptions, RawProduct, enrich_products, get_extractor
-from atelier.enrich.embedded import GGUF_NAME, llama_available
+from atelier.enrich.embedded import llama_available
+from atelier.paths import GGUF_NAME
 from atelier.schema import UNKNOWN, load_schema
 
 pytestmark = [

@@ -6,16 +6,30 @@ import importlib.util
 import json
 import shutil
 import struct
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from atelier.enrich import BackendError, EnrichOptions, RawProduct, available_backends, enrich_product
+from atelier.enrich import (
+    BackendError,
+    BackendUnavailable,
+    EnrichCache,
+    EnrichOptions,
+    RawProduct,
+    available_backends,
+    enrich_product,
+    enrich_products,
+    get_extractor,
+)
 from atelier.enrich.fieldwise import FieldwiseExtractor, KeywordExtractor
 from atelier.enrich.hybrid import FieldSource, FieldSources, HybridExtractor
+from atelier.enrich.loglik import LogLikExtractor
 from atelier.enrich.lora import ADAPTER_DIR, AdapterError, LoRALogLikExtractor, convert_adapter, read_adapter
+from atelier.enrich.prompt import label_maps
 from atelier.schema import load_schema
 
 SCHEMA = load_schema()
@@ -130,7 +144,14 @@ class _Broken(FieldwiseExtractor):
 
     def pick(self, title: str, description: str, fields: list[str]) -> dict[str, str]:
         type(self).calls += 1
-        raise BackendError("the embedded-ll backend needs llama-cpp-python: run `make llm`")
+        raise BackendUnavailable("the embedded-ll backend needs llama-cpp-python: run `make llm`")
+
+
+class _TooLong(_Broken):
+    """An LLM scorer that runs, but fails one product (not a reason to drop the backend)."""
+
+    def pick(self, title: str, description: str, fields: list[str]) -> dict[str, str]:
+        raise BackendError("product too long to score (9000 tokens > 8192)")
 
 
 def _sources() -> FieldSources:
@@ -138,6 +159,15 @@ def _sources() -> FieldSources:
                                 "season": FieldSource("majority", None, "summer")}, re=None)
 
 
+@pytest.fixture
+def llama_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hybrid's start-up probe believes llama-cpp-python is installed (so failures happen while answering)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "llama_cpp" else real(name, *a))
+
+
+@pytest.mark.usefixtures("llama_present")
 def test_hybrid_falls_back_to_the_baseline_when_the_lora_backend_fails(caplog: pytest.LogCaptureFixture) -> None:
     hybrid = HybridExtractor(_sources(), backends={"embedded-ll-lora": _Broken(SCHEMA),
                                                    "keyword": KeywordExtractor(SCHEMA)}, schema=SCHEMA)
@@ -149,6 +179,18 @@ def test_hybrid_falls_back_to_the_baseline_when_the_lora_backend_fails(caplog: p
     assert result.extracted["clothes"]["season"] == ["summer"]
     assert "embedded-ll-lora is unavailable" in caplog.text
     assert hybrid.model_id.endswith("+down:embedded-ll-lora")
+    # The first product found the source down while answering: its answer is the baseline's, so it is
+    # recorded (and would be cached) under the +down id, never under the id that names the LoRA.
+    assert result.backend == again.backend == hybrid.model_id
+
+
+@pytest.mark.usefixtures("llama_present")
+def test_hybrid_keeps_its_llm_source_when_one_product_fails() -> None:
+    hybrid = HybridExtractor(_sources(), backends={"embedded-ll-lora": _TooLong(SCHEMA),
+                                                   "keyword": KeywordExtractor(SCHEMA)}, schema=SCHEMA)
+    result = enrich_product(SHIRT, hybrid, schema=SCHEMA, options=ONLY_COLOR)
+    assert result.status == "error" and "too long" in (result.error or "")
+    assert "+down" not in hybrid.model_id and result.backend == hybrid.model_id
 
 
 def test_hybrid_without_llama_cpp_uses_the_baseline_from_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,6 +216,169 @@ def test_hybrid_without_llama_cpp_leaves_re_empty_instead_of_failing(monkeypatch
     assert result.status == "ok", result.issues
     assert result.extracted["clothes"]["color"] == ["navy"] and not any(result.extracted["re"].values())
     assert hybrid.model_id.endswith("+down:embedded,embedded-ll-lora")
+
+
+# --------------------------------------------------------------------------- fail loudly (issue #17)
+
+BATCH = [RawProduct(item_id=f"p{i}", title=t, description="") for i, t in
+         enumerate(["Navy Blue Men's Checked Shirt", "Black leather boots", "Floral midi dress", "Grey hoodie",
+                    "White cotton t-shirt"])]
+
+
+def test_without_gguf_the_lora_backend_refuses_to_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    with pytest.raises(BackendUnavailable, match=r"needs the `gguf` package.*make llm"):
+        LoRALogLikExtractor(tmp_path / "model.gguf", cache_dir=tmp_path)
+    with pytest.raises(BackendUnavailable, match="gguf"):  # what `atelier enrich --backend embedded-ll-lora` builds
+        get_extractor("embedded-ll-lora")
+
+
+def test_cli_refuses_to_start_the_lora_backend_without_gguf(tmp_path: Path, data_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from atelier.cli import app
+    from tests.helpers import write_head
+
+    runner = CliRunner()
+    write_head(data_dir / "hm" / "articles.csv.gz", tmp_path / "data" / "hm" / "articles.csv.gz", 20)
+    write_head(data_dir / "hm" / "transactions.csv.gz", tmp_path / "data" / "hm" / "transactions.csv.gz", 20)
+    env = {"ATELIER_RUN_DIR": str(tmp_path / "runs"), "ATELIER_DATA_DIR": str(tmp_path / "data")}
+    assert runner.invoke(app, ["ingest", "-d", "hm"], env=env).exit_code == 0
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    res = runner.invoke(app, ["enrich", "-d", "hm", "--limit", "5", "--backend", "embedded-ll-lora"], env=env)
+    assert res.exit_code == 1 and "gguf" in res.output and "make llm" in res.output
+    assert not (tmp_path / "runs" / "enrich" / "cache.jsonl").exists()  # nothing asked, nothing cached
+
+
+class _BareModel:
+    """Stands in for llama.cpp: counts base loads and bare-model scores (what the old code fell back to)."""
+
+    loads = 0
+    scores = 0
+
+    @staticmethod
+    def load(self: LogLikExtractor) -> None:
+        if self._llm is None:
+            _BareModel.loads += 1
+            self._llm, self._ctx = object(), object()
+
+    @staticmethod
+    def score(self: LogLikExtractor, text: str, fields: list[str]) -> dict[str, np.ndarray]:
+        _BareModel.scores += 1
+        return {f: np.zeros(len(label_maps(SCHEMA)[f])) for f in fields}
+
+
+def _lora_with_bare_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LoRALogLikExtractor:
+    _BareModel.loads = _BareModel.scores = 0
+    monkeypatch.setattr(LogLikExtractor, "load", _BareModel.load)
+    monkeypatch.setattr(LogLikExtractor, "score", _BareModel.score)
+    monkeypatch.setattr(LogLikExtractor, "values", lambda self, name: list(label_maps(SCHEMA)[name].values()))
+    def release(self: LoRALogLikExtractor) -> None:
+        self._llm = self._ctx = None
+
+    monkeypatch.setattr(LoRALogLikExtractor, "_release", release)
+    monkeypatch.setitem(sys.modules, "gguf", types.ModuleType("gguf"))  # present when the backend is built
+    return LoRALogLikExtractor(tmp_path / "model.gguf", cache_dir=tmp_path, schema=SCHEMA)
+
+
+@needs_adapter
+def test_without_gguf_every_product_is_an_error_record_never_a_bare_model_answer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = _lora_with_bare_model(tmp_path, monkeypatch)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # ... and gone when the first product needs it
+    with EnrichCache(tmp_path / "cache.jsonl") as cache:
+        results = enrich_products(BATCH, ex, cache, SCHEMA, ONLY_COLOR)
+        assert len(cache) == 0  # no answer stored under the adapter's model id
+    assert [r.status for r in results] == ["error"] * len(BATCH)
+    assert all("gguf" in (r.error or "") for r in results)
+    assert _BareModel.scores == 0 and _BareModel.loads == 0  # converted first: no base model to misuse
+
+
+@needs_adapter
+def test_adapter_that_fails_after_the_base_model_loaded_fails_every_product(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The issue #17 sequence: the base model and context exist, then the adapter step fails. The old
+    # load() returned early on the second product and scored with the bare model under the LoRA's id.
+    ex = _lora_with_bare_model(tmp_path, monkeypatch)
+    ex.gguf_path.write_bytes(b"converted")
+
+    def refuse(self: LoRALogLikExtractor, path: Path) -> None:
+        raise AdapterError(f"llama.cpp refused the LoRA adapter {path} (wrong base model?)")
+
+    monkeypatch.setattr(LoRALogLikExtractor, "_attach", refuse)
+    with EnrichCache(tmp_path / "cache.jsonl") as cache:
+        results = enrich_products(BATCH, ex, cache, SCHEMA, ONLY_COLOR)
+        assert len(cache) == 0
+    assert [r.status for r in results] == ["error"] * len(BATCH)
+    assert all("refused the LoRA adapter" in (r.error or "") for r in results)
+    assert _BareModel.scores == 0 and _BareModel.loads == 1  # loaded once, released, never retried
+    assert ex._llm is None and ex._ctx is None
+
+
+@pytest.mark.usefixtures("llama_present")
+def test_hybrid_without_gguf_uses_the_baseline_under_a_down_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "gguf", None)  # the probe builds the LoRA backend, which refuses
+    from atelier.config import Settings
+
+    hybrid = HybridExtractor(_sources(), settings=Settings(), backends={"keyword": KeywordExtractor(SCHEMA)},
+                             schema=SCHEMA)
+    results = enrich_products(BATCH, hybrid, None, SCHEMA, ONLY_COLOR)
+    assert hybrid.model_id.endswith("+down:embedded-ll-lora")
+    assert all(r.status == "ok" and r.backend == hybrid.model_id for r in results)
+    assert results[0].extracted["clothes"]["color"] == ["navy"]
+
+
+class _FakeLlama:
+    """Stands in for llama_cpp.Llama: records whether it was asked to generate."""
+
+    generated = 0
+
+    class _Model:
+        vocab = object()
+
+    _model = _Model()
+
+    def create_chat_completion(self, **kwargs: Any) -> dict[str, Any]:
+        type(self).generated += 1
+        return {"choices": [{"message": {"content": "{}"}}]}
+
+
+def _fake_llama_cpp(grammar_error: Exception | None, sampler: object | None) -> types.ModuleType:
+    mod = types.ModuleType("llama_cpp")
+
+    class LlamaGrammar:
+        _grammar, _root = "root ::= \"{}\"", "root"
+
+        @classmethod
+        def from_json_schema(cls, schema: str, verbose: bool = True) -> LlamaGrammar:
+            if grammar_error is not None:
+                raise grammar_error
+            return cls()
+
+    mod.LlamaGrammar = LlamaGrammar  # type: ignore[attr-defined]
+    mod.llama_sampler_init_grammar = lambda *a: sampler  # type: ignore[attr-defined]
+    mod.llama_sampler_free = lambda s: None  # type: ignore[attr-defined]
+    return mod
+
+
+@pytest.mark.parametrize(("grammar_error", "sampler", "message"), [
+    (ValueError("unsupported schema keyword"), object(), "cannot be turned into a llama.cpp grammar"),
+    (None, None, "could not parse the answer grammar"),
+])
+def test_embedded_without_its_grammar_is_an_error_record_not_unconstrained_text(
+        monkeypatch: pytest.MonkeyPatch, grammar_error: Exception | None, sampler: object | None,
+        message: str) -> None:
+    # llama-cpp-python's response_format path would fall back to a schema-free JSON grammar here.
+    from atelier.enrich.embedded import EmbeddedExtractor
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", _fake_llama_cpp(grammar_error, sampler))
+    ex = EmbeddedExtractor(Path("model.gguf"))
+    monkeypatch.setattr(ex, "load", lambda: _FakeLlama())
+    _FakeLlama.generated = 0
+    result = enrich_product(SHIRT, ex, schema=SCHEMA, options=ONLY_COLOR)
+    assert result.status == "error" and message in (result.error or "")
+    assert _FakeLlama.generated == 0
 
 
 # --------------------------------------------------------------------------- the real model (llama.cpp)

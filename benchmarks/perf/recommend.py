@@ -41,8 +41,8 @@ def request_bodies(run_dir: Path, n: int, seed: int) -> list[tuple[str, dict[str
 
 def breakdown(run_dir: Path, n: int = 200, seed: int = 0) -> dict[str, Any]:
     """Per-request time by part, in process (no HTTP), one torch thread."""
-    import atelier.serve.service as service_mod
     import atelier.recommend.chain as stages_mod
+    import atelier.serve.service as service_mod
     from atelier.config import Settings
     from atelier.serve.schemas import RecommendRequest
     from atelier.serve.service import RecommendService

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from atelier.paths import RunPaths
+from atelier.paths import LORA_ADAPTER_DIR, SHIPPED_ENRICHED_DIR, SUPERVISED_MODEL_DIR, RunPaths
 
 
 class SettingsError(RuntimeError):
@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     llm_model_path: Path | None = Field(
         default=None, description="GGUF for the embedded backend (default: <run_dir>/models/, assembled on first use)."
     )
+    lora_adapter: Path = Field(default=LORA_ADAPTER_DIR, description="PEFT LoRA adapter of `embedded-ll-lora`.")
+    supervised_model: Path = Field(default=SUPERVISED_MODEL_DIR,
+                                   description="TF-IDF + logistic-regression classifiers of `tfidf-lr`.")
+    enriched_dir: Path = Field(default=SHIPPED_ENRICHED_DIR,
+                               description="Shipped full-catalogue enrichment files (the `shipped` backend).")
+    shipped_dataset: str = Field(default="hm", description="Which shipped file the `shipped` backend answers from.")
     llm_concurrency: int = Field(default=8, ge=1, description="Requests in flight at once (openai backend).")
     llm_timeout_s: float = Field(default=60.0, gt=0, description="Per-request timeout (openai backend).")
     llm_max_retries: int = Field(default=3, ge=0, description="Retries with backoff on 5xx/timeouts (openai backend).")
@@ -96,6 +102,10 @@ class Settings(BaseSettings):
     def result_files_dir(self) -> Path:
         """The folder of dated result files (``results_dir``, else ``<run_dir>/results``)."""
         return self.results_dir if self.results_dir is not None else self.run_dir / "results"
+
+    def gguf_path(self) -> Path:
+        """The embedded LLM's GGUF: ``llm_model_path``, else assembled under the run folder's models."""
+        return self.llm_model_path or self.paths.gguf
 
     @property
     def paths(self) -> RunPaths:

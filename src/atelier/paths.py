@@ -22,6 +22,12 @@ from pathlib import Path
 
 GGUF_NAME = "gemma3-270m-q4_k_m.gguf"  # the embedded LLM, assembled from its PyPI parts on first use
 
+# Artifacts committed with a checkout (the settings can point elsewhere): src/atelier/paths.py -> repository root.
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"
+LORA_ADAPTER_DIR = REPO_DATA / "adapters" / "gemma3-270m-std-lora"  # PEFT LoRA of the log-likelihood scorer
+SUPERVISED_MODEL_DIR = REPO_DATA / "adapters" / "tfidf-lr-std"  # TF-IDF + logistic regression per STD field
+SHIPPED_ENRICHED_DIR = REPO_DATA / "enriched"  # full-catalogue enrichment made on a GPU
+
 
 @dataclass(frozen=True)
 class RunPaths:

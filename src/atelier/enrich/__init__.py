@@ -3,7 +3,8 @@
 Public API (what the CLI and the web service call):
 
 - ``get_extractor(name, settings)``: a backend by name (``embedded``, ``embedded-ll``,
-  ``embedded-ll-cal``, ``embedded-ll-lora``, ``minilm``, ``keyword``, ``hybrid``, ``openai``, ``shipped``, ``fake``);
+  ``embedded-ll-cal``, ``embedded-ll-lora``, ``minilm``, ``keyword``, ``tfidf-lr``, ``hybrid``, ``openai``,
+  ``shipped``, ``fake``);
 - ``enrich_product(raw, extractor, cache=...)``: one product -> ``EnrichmentResult`` (an item, or
   an error record; never raises for a bad answer);
 - ``enrich_products`` / ``enrich_dataset``: batches with bounded concurrency, the cache, outputs.
@@ -12,7 +13,8 @@ Modules: ``base`` (interface + registry), ``prompt`` (versioned prompt + answer 
 ``core`` (parse, repair, retry), ``cache`` (append-only JSONL log), ``batch``, ``rules`` (keyword
 baseline), one module per backend, ``fieldwise`` (extractors that pick each field's value:
 keyword, MiniLM nearest label), ``loglik`` (value scoring with the embedded LLM), ``lora`` (the
-same with the committed LoRA adapter) and ``hybrid`` (per-field sources from ``field_sources.toml``).
+same with the committed LoRA adapter), ``supervised`` (TF-IDF + logistic regression trained on the
+LoRA's labelled items) and ``hybrid`` (per-field sources from ``field_sources.toml``).
 """
 
 from atelier.enrich import embedded as _embedded  # noqa: F401  (registers "embedded")
@@ -23,8 +25,10 @@ from atelier.enrich import loglik as _loglik  # noqa: F401  (registers "embedded
 from atelier.enrich import lora as _lora  # noqa: F401  (registers "embedded-ll-lora")
 from atelier.enrich import openai_backend as _openai  # noqa: F401  (registers "openai")
 from atelier.enrich import shipped as _shipped  # noqa: F401  (registers "shipped")
+from atelier.enrich import supervised as _supervised  # noqa: F401  (registers "tfidf-lr")
 from atelier.enrich.base import (
     BackendError,
+    BackendUnavailable,
     ExtractionRequest,
     Extractor,
     UnknownBackendError,
@@ -40,6 +44,7 @@ from atelier.enrich.prompt import PROMPT_VERSION, RawProduct
 __all__ = [
     "PROMPT_VERSION",
     "BackendError",
+    "BackendUnavailable",
     "EnrichCache",
     "EnrichOptions",
     "EnrichSummary",

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BackendError",
+    "BackendUnavailable",
     "ExtractionRequest",
     "Extractor",
     "UnknownBackendError",
@@ -29,6 +30,15 @@ __all__ = [
 
 class BackendError(RuntimeError):
     """The backend could not produce an answer (server down after retries, model missing...)."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot run here at all (package, model, adapter or grammar missing or broken).
+
+    Every request would fail the same way, so callers may fall back to another *named* backend
+    (``hybrid`` does, and says so in its model id); a backend must never answer with a different
+    model under its own id instead.
+    """
 
 
 class UnknownBackendError(ValueError):

@@ -177,6 +177,7 @@ def enrich_dataset(settings: Settings, dataset: str, extractor: Extractor, limit
                 on_result(result)
 
         results = enrich_products(products, extractor, cache, schema, options, on_result=count)
+    summary.backend = extractor.model_id  # a hybrid source that went down mid-run changed it (+down:)
     summary.wall_seconds = round(time.perf_counter() - start, 3)
     asked = summary.ok + summary.repaired + summary.errors
     summary.items_per_s = round(asked / summary.model_seconds, 4) if summary.model_seconds else 0.0

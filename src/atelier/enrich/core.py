@@ -278,6 +278,16 @@ def run_prepared(prep: Prepared, extractor: Extractor, schema: Schema, options: 
         request = prep.request if attempt == 1 else _retry_request(prep.request, attempt)
         try:
             raw = extractor.complete(request)
+            # An extractor whose identity changed while answering (a hybrid source went down and its
+            # fields fell back to their baseline: ``+down:`` in its id) is asked again, so the answer
+            # kept was made wholly by what the id it is cached under names.
+            changes = 0
+            while (now := extractor.model_id) != result.backend:
+                changes += 1
+                if changes > 2:
+                    raise BackendError(f"the backend's model id kept changing while answering (now {now})")
+                result.backend = now
+                raw = extractor.complete(request)
         except BackendError as exc:
             result.error = f"backend: {exc}"
             break

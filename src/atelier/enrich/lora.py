@@ -1,17 +1,18 @@
 """The log-likelihood scorer with the committed LoRA adapter (``embedded-ll-lora``).
 
-``data/adapters/gemma3-270m-std-lora`` is a PEFT adapter (r=16, bf16, q/k/v/o/gate/up/down) trained
-on a GPU by ``benchmarks/bench_lora_gpu.py`` for exactly the ``embedded-ll`` method: the product
-prompt and the per-field question of ``loglik.py``, the label's spoken form, mean log-probability
-per label token. This module runs it on CPU through llama.cpp: the PEFT safetensors are converted
-once into a GGUF LoRA (numpy + the ``gguf`` package, no torch; written next to the model under
-``<run_dir>/models/``, keyed by the adapter's hash) and attached to the scorer's context with
-``llama_set_adapters_lora``. llama.cpp adds ``alpha / r * B(A x)`` to each projection of the
-Q4_K_M base at run time, so the base file is untouched.
+``data/adapters/gemma3-270m-std-lora`` is a PEFT adapter (r=16, bf16, q/k/v/o/gate/up/down) trained on a
+GPU by ``benchmarks/bench_lora_gpu.py`` for exactly the ``embedded-ll`` method: the product prompt and
+the per-field question of ``loglik.py``, the label's spoken form, mean log-probability per label token;
+its training items share no id, ``group_id`` or normalised text with an evaluation item
+(``bench_extraction.training_pool``). This module runs it on CPU through llama.cpp: the PEFT safetensors
+are converted once into a GGUF LoRA (numpy + the ``gguf`` package, no torch; written next to the model
+under ``<run_dir>/models/``, keyed by the adapter's hash) and attached to the scorer's context with
+``llama_set_adapters_lora``. llama.cpp adds ``alpha / r * B(A x)`` to each projection of the Q4_K_M base
+at run time, so the base file is untouched.
 
-Tensor layout: PEFT ``lora_A`` is (r, in) and ``lora_B`` (out, r) in numpy order; GGUF reverses
-the dimensions, which gives llama.cpp's expected ``a`` = [in, r] and ``b`` = [r, out]. Gemma's
-projections are not permuted by llama.cpp's converter, so the adapter maps name for name.
+Tensor layout: PEFT ``lora_A`` is (r, in) and ``lora_B`` (out, r) in numpy order; GGUF reverses the
+dimensions, which gives llama.cpp's expected ``a`` = [in, r] and ``b`` = [r, out]. Gemma's projections
+are not permuted by llama.cpp's converter, so the adapter maps name for name.
 """
 
 from __future__ import annotations
@@ -26,17 +27,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from atelier.enrich.base import BackendError, register
-from atelier.enrich.embedded import GGUF_NAME
+from atelier.enrich.base import BackendError, BackendUnavailable, register
 from atelier.enrich.loglik import LOGLIK_VERSION, LogLikExtractor
+from atelier.paths import LORA_ADAPTER_DIR
 
 if TYPE_CHECKING:
     from atelier.config import Settings
 
 __all__ = ["ADAPTER_DIR", "AdapterError", "LoRALogLikExtractor", "convert_adapter", "read_adapter"]
 
-# The committed adapter (repository checkout); ATELIER_LORA_ADAPTER overrides it.
-ADAPTER_DIR = Path(__file__).resolve().parents[3] / "data" / "adapters" / "gemma3-270m-std-lora"
+# The committed adapter (repository checkout); the setting ATELIER_LORA_ADAPTER names another.
+ADAPTER_DIR = LORA_ADAPTER_DIR
 # PEFT module name -> llama.cpp tensor name (per block).
 _MODULES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -44,8 +45,18 @@ _MODULES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_at
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
-class AdapterError(BackendError):
+class AdapterError(BackendUnavailable):
     """The adapter directory is missing, incomplete or not a PEFT LoRA this module understands."""
+
+
+def _import_gguf() -> Any:
+    """The ``gguf`` package, or ``BackendUnavailable`` saying how to install it."""
+    try:
+        import gguf
+    except ImportError as exc:
+        raise BackendUnavailable("the embedded-ll-lora backend needs the `gguf` package to convert its LoRA "
+                                 "adapter for llama.cpp: run `make llm` (installs the `llm` extra)") from exc
+    return gguf
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -119,10 +130,7 @@ def adapter_digest(adapter_dir: Path) -> str:
 
 def convert_adapter(adapter_dir: Path, out: Path) -> Path:
     """Write the PEFT adapter as a GGUF LoRA for llama.cpp (float32 tensors); returns ``out``."""
-    try:
-        import gguf
-    except ImportError as exc:
-        raise BackendError("the embedded-ll-lora backend needs the `gguf` package: pip install 'atelier[llm]'") from exc
+    gguf = _import_gguf()
     cfg, tensors = read_adapter(adapter_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
@@ -142,67 +150,101 @@ def convert_adapter(adapter_dir: Path, out: Path) -> Path:
 
 @register("embedded-ll-lora")
 class LoRALogLikExtractor(LogLikExtractor):
-    """``embedded-ll`` with the committed LoRA adapter applied by llama.cpp (CPU)."""
+    """``embedded-ll`` with the committed LoRA adapter applied by llama.cpp (CPU).
+
+    It answers with the adapter or not at all: construction refuses an unreadable adapter, or one
+    that cannot be converted here (no ``gguf`` and no converted file yet); ``load`` attaches the
+    adapter before the first score, and a failure there is kept and raised for every later product
+    (each becomes an error record), never scored with the bare base model under this id.
+    """
 
     def __init__(self, model_path: Path, adapter_dir: Path | None = None, cache_dir: Path | None = None,
                  **kwargs: Any) -> None:
         super().__init__(model_path, **kwargs)
-        self.adapter_dir = Path(adapter_dir or os.environ.get("ATELIER_LORA_ADAPTER") or ADAPTER_DIR)
+        self.adapter_dir = Path(adapter_dir or ADAPTER_DIR)
         self.cache_dir = cache_dir or model_path.parent
         self._adapter: Any = None
+        self._failed: BackendUnavailable | None = None
         read_adapter(self.adapter_dir)  # fail at construction, with the path, not mid-batch
         self._digest = adapter_digest(self.adapter_dir)
+        if not self.gguf_path.is_file():
+            _import_gguf()  # refuse to start rather than fail every product
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LoRALogLikExtractor:
         """Same model file and threads as the embedded backend; the committed adapter."""
-        return cls(settings.llm_model_path or settings.run_dir / "models" / GGUF_NAME,
-                   n_threads=settings.llm_threads or None)
+        return cls(settings.gguf_path(), adapter_dir=settings.lora_adapter, n_threads=settings.llm_threads or None)
 
     @property
     def model_id(self) -> str:
         """``embedded-ll-lora:<gguf package>@ll-v1+lora-<adapter hash>``."""
         return f"{super().model_id.split('@', 1)[0]}@{LOGLIK_VERSION}+lora-{self._digest}"
 
-    def load(self) -> None:
-        """Load the base model and context (``LogLikExtractor.load``), then attach the adapter."""
-        if self._ctx is not None:
-            return
-        super().load()
-        import llama_cpp
+    @property
+    def gguf_path(self) -> Path:
+        """Where the converted adapter lives (keyed by the adapter's hash)."""
+        return self.cache_dir / f"{self.adapter_dir.name}-{self._digest}.gguf"
 
-        gguf_path = self.cache_dir / f"{self.adapter_dir.name}-{self._digest}.gguf"
-        if not gguf_path.is_file():
-            convert_adapter(self.adapter_dir, gguf_path)
+    def load(self) -> None:
+        """Convert the adapter if needed, load the base model and context, attach the adapter; all or nothing."""
+        if self._adapter is not None:
+            return
+        if self._failed is not None:
+            raise self._failed  # the same cause for every product, without reloading the model each time
+        try:
+            # Convert first: a missing `gguf` fails before any base model exists to be misused.
+            if not self.gguf_path.is_file():
+                convert_adapter(self.adapter_dir, self.gguf_path)
+            super().load()
+            self._attach(self.gguf_path)
+        except BackendError as exc:
+            self._release()
+            self._failed = exc if isinstance(exc, BackendUnavailable) else BackendUnavailable(str(exc))
+            raise self._failed from exc
+        except Exception as exc:  # a llama.cpp or file error: the same rule, with its type
+            self._release()
+            self._failed = BackendUnavailable(f"embedded-ll-lora could not load: {type(exc).__name__}: {exc}")
+            raise self._failed from exc
+
+    def _attach(self, gguf_path: Path) -> None:
+        import llama_cpp
         from llama_cpp._utils import suppress_stdout_stderr
 
         with suppress_stdout_stderr(disable=False):  # llama.cpp logs a line per tensor
             adapter = llama_cpp.llama_adapter_lora_init(self._llm._model.model, str(gguf_path).encode())
         if not adapter:
-            self.close()
             raise AdapterError(f"llama.cpp refused the LoRA adapter {gguf_path} (wrong base model?)")
         adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
         scales = (ctypes.c_float * 1)(1.0)
         if llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, scales) != 0:
             llama_cpp.llama_adapter_lora_free(adapter)
-            self.close()
             raise AdapterError("llama.cpp could not attach the LoRA adapter to the scoring context")
         self._adapter = adapter
 
-    def close(self) -> None:
+    def score(self, text: str, fields: list[str]) -> dict[str, np.ndarray]:
+        """``LogLikExtractor.score`` with the adapter attached (refuses to score without it)."""
+        self.load()
+        if self._adapter is None:  # load() raises rather than return without it; this guards later edits
+            raise BackendUnavailable("embedded-ll-lora: the LoRA adapter is not attached; refusing to score")
+        return super().score(text, fields)
+
+    def _release(self) -> None:
         """Free the context, the adapter and the model (the adapter before the model it belongs to)."""
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            import llama_cpp
+
+            llama_cpp.llama_free(ctx)
+        if self._adapter is not None:
+            import llama_cpp
+
+            llama_cpp.llama_adapter_lora_free(self._adapter)
+            self._adapter = None
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+    def close(self) -> None:
+        """Free the context, the adapter and the model."""
         with self._lock:
-            ctx, self._ctx = self._ctx, None
-            if ctx is not None:
-                import llama_cpp
-
-                llama_cpp.llama_free(ctx)
-            if self._adapter is not None:
-                import llama_cpp
-
-                llama_cpp.llama_adapter_lora_free(self._adapter)
-                self._adapter = None
-            if self._llm is not None:
-                self._llm.close()
-                self._llm = None
-
+            self._release()

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from atelier.enrich.base import BackendError, ExtractionRequest, Extractor, register
 from atelier.enrich.prompt import UNKNOWN_LABEL, RawProduct, input_hash
+from atelier.paths import SHIPPED_ENRICHED_DIR
 
 if TYPE_CHECKING:
     from atelier.config import Settings
@@ -36,12 +36,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ShippedExtractor", "enriched_dir", "load_manifest", "load_re", "load_records", "with_shipped_re"]
 
-_REPO_DATA = Path(__file__).resolve().parents[3] / "data" / "enriched"
-
-
 def enriched_dir() -> Path:
-    """Where shipped enriched catalogues live."""
-    return Path(os.environ.get("ATELIER_ENRICHED_DIR") or _REPO_DATA)
+    """Where shipped enriched catalogues live by default (``Settings.enriched_dir`` points elsewhere)."""
+    return SHIPPED_ENRICHED_DIR
 
 
 def _manifest_path(dataset: str, directory: Path | None = None) -> Path:
@@ -100,8 +97,8 @@ class ShippedExtractor(Extractor):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ShippedExtractor:
-        """The H&M file by default (``ATELIER_SHIPPED_DATASET`` picks another)."""
-        return cls(os.environ.get("ATELIER_SHIPPED_DATASET", "hm"))
+        """The dataset's file (``ATELIER_SHIPPED_DATASET``, H&M by default) in ``ATELIER_ENRICHED_DIR``."""
+        return cls(settings.shipped_dataset, settings.enriched_dir)
 
     @property
     def model_id(self) -> str:
@@ -117,7 +114,8 @@ class ShippedExtractor(Extractor):
 
         records = load_records(self.dataset, self.directory)
         if not records:
-            raise BackendError(f"no shipped enriched catalogue for {self.dataset!r} in {enriched_dir()}")
+            raise BackendError(f"no shipped enriched catalogue for {self.dataset!r} in "
+                               f"{self.directory or enriched_dir()}")
         ctx = request.context
         re_fields = list(ctx.get("re_fields", []))
         product = RawProduct(item_id=request.item_id, title=str(ctx.get("title", "")),

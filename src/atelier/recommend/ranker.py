@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from atelier.catalogue import dataset_items
+from atelier.config import Settings
 from atelier.datasets import current_data, rules_for
 from atelier.ingest import load_tables
 from atelier.models.item_tower import CHECKPOINT_FORMAT, CheckpointError, read_payload
@@ -328,7 +329,7 @@ def field_label(field_name: str) -> str:
     return "your " + field_name.removesuffix("_b")
 
 
-def load_scorer(settings: Any, dataset: str, data: TrainData | None = None) -> tuple[Scorer, dict[str, Any]]:
+def load_scorer(settings: Settings, dataset: str, data: TrainData | None = None) -> tuple[Scorer, dict[str, Any]]:
     """A dataset's saved reranker ready to reorder served candidates, with its checkpoint's payload.
 
     Features are built over the whole log (popularity and recency as a server knows them today) and the

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from atelier.ingest import PROFILE_RANGES
 from atelier.schema import load_schema
 
 ItemId = str  # validated where it enters (Field constraints below)
@@ -70,9 +71,10 @@ class Profile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    height_cm: Float | None = Field(default=None, ge=100, le=230)
-    weight_kg: Float | None = Field(default=None, ge=30, le=250)
-    age: Int | None = Field(default=None, ge=13, le=110)
+    # The ranges ingest keeps (values outside them are unit mistakes or typos there too).
+    height_cm: Float | None = Field(default=None, ge=PROFILE_RANGES["height_cm"][0], le=PROFILE_RANGES["height_cm"][1])
+    weight_kg: Float | None = Field(default=None, ge=PROFILE_RANGES["weight_kg"][0], le=PROFILE_RANGES["weight_kg"][1])
+    age: Int | None = Field(default=None, ge=PROFILE_RANGES["age"][0], le=PROFILE_RANGES["age"][1])
     body_type: Text | None = Field(default=None, max_length=40)
 
 

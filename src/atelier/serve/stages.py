@@ -55,7 +55,7 @@ def register_stage(name: str, factory: StageFactory) -> None:
 class StageContext:
     """What a stage factory may use: settings, the store accessor, the live model and loaded parts."""
 
-    settings: object  # atelier.config.Settings (kept loose so stages need not import serve)
+    settings: Settings
     dataset: str
     store: Callable[[], VectorSearch | None]
     model_id: str | None
@@ -67,7 +67,6 @@ class StageContext:
 
 def _rerank(ctx: StageContext) -> Stage | None:
     settings = ctx.settings
-    assert isinstance(settings, Settings)
     retrievers = [ctx.built[n] for n in ("content", "two_tower") if n in ctx.built]
     if not retrievers or not settings.paths.ranker(ctx.dataset).is_file():
         return None
@@ -81,7 +80,6 @@ def _rerank(ctx: StageContext) -> Stage | None:
 
 def _two_tower(ctx: StageContext) -> Stage | None:
     settings = ctx.settings
-    assert isinstance(settings, Settings)
     if not settings.paths.user_tower(ctx.dataset).is_file():
         return None
     try:
