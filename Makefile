@@ -31,8 +31,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # The embedded LLM backends (optional, not part of `make test`): build the llama-cpp-python wheel
 # once (about 6 min on 2 idle cores, niced) and reuse it from .build/wheels afterwards, then install
-# the `llm` extra of pyproject.toml (llama-cpp-python from that wheel, gguf for the LoRA adapter), so
-# the extra is the one list of what the LLM paths need. Re-run when pyproject.toml or this file change.
+# the `llm` extra of pyproject.toml (llama-cpp-python from that wheel with its OpenAI-compatible server,
+# gguf for the LoRA adapter), so the extra is the one list of what the LLM paths need. Re-run when
+# pyproject.toml or this file change.
 LLAMA_CPP := llama-cpp-python==0.3.36
 llm: setup .build/llama.installed
 
@@ -41,7 +42,7 @@ llm: setup .build/llama.installed
 		CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) nice -n 10 $(BIN)/pip wheel --no-deps -w .build/wheels "$(LLAMA_CPP)"
 	$(BIN)/pip install -q --find-links .build/wheels -e ".[llm]"
 	# Fail here, not at the first product: every default LLM path imports these.
-	$(BIN)/python -c "import llama_cpp, gguf; print('llm extra ok: llama-cpp-python', llama_cpp.__version__, '+ gguf')"
+	$(BIN)/python -c "import llama_cpp, llama_cpp.server.app, gguf; print('llm extra ok: llama-cpp-python', llama_cpp.__version__, '+ server + gguf')"
 	touch $@
 
 run: setup  ## the main job: the whole pipeline on ../shared/data (or ATELIER_DATA_DIR)

@@ -1,590 +1,357 @@
-"""Full-catalogue RE enrichment on one GPU: the embedded backend's prompt, batched greedy generation.
+"""Full-catalogue enrichment on one GPU: export here, score there, collect here (the shared GPU skeleton).
 
-Three steps, because the GPU machine has torch and transformers but not atelier's other needs:
+The GPU machine has torch, transformers and peft but not atelier's other needs, so every GPU job of the
+project has the same three steps (``bench_loglik_gpu.py`` and ``bench_lora_gpu.py`` use the same loader
+and scorer, ``atelier.enrich.gpu``):
 
-1. here: ``python benchmarks/bench_enrich_gpu.py export --dataset hm --out .devcarry/enrich``
-   builds every product's request exactly as ``atelier enrich`` does for the RE phrases
-   (``prepare()`` with ``EnrichOptions(fields=(), show_known=False)``: RE fields only, from title +
-   description), formats it as llama-cpp-python does for this GGUF (the GGUF has no chat template,
-   so llama-cpp-python falls back to its ``llama-2`` format; ``--chat gemma`` uses Gemma's turns
-   instead), tokenises it with llama.cpp's own tokenizer, deduplicates products by the content
-   hash of the request (``input_hash``: title, description, asked fields), and writes ``spec.npz``:
-   the shared prompt head once, each distinct input's tail, and the token tables of the answer
-   constraint (below). Product text is inside as token ids: keep the folder out of git.
-2. there: ``python bench_enrich_gpu.py run --spec DIR/spec.npz --gguf-dir D --out OUT`` loads the
-   GGUF with transformers (dequantised to bf16; a bf16 copy is saved beside it for the next call),
-   generates every distinct input's answer greedily in length-sorted batches, and appends the raw
-   answers to ``OUT/raw.jsonl.gz`` batch by batch (resumable: ``--skip`` a list of done hashes).
-3. here: ``python benchmarks/bench_enrich_gpu.py collect --raw ... --out data/enriched`` parses and
-   validates every answer through ``atelier.enrich.core`` (the same parse / repair / ``ItemJSON``
-   path as every backend), fans each distinct answer out to the articles that share the input,
-   and writes the enriched catalogue (item JSON per article without the listing text, plus error
-   records) and its manifest.
+1. **export** (here): ``python benchmarks/bench_enrich_gpu.py export --dataset hm --out .build/devcarry/enrich``
+   builds, with llama.cpp's own tokenizer, every product's log-likelihood *tree* exactly as the CPU scorer
+   asks it (``loglik.LogLikExtractor.score_questions``): the product prefix, one ask per STD field the
+   catalogue columns lack (``prepare(...).fields`` under the default ``EnrichOptions``, the question of
+   ``loglik.QUESTIONS`` and the field's spoken labels), and one ask per grounded "part" phrase
+   (``phrases.candidate_phrases``; the question of ``phrase_llm.QUESTION`` and the RE field names).
+   Products with the same text and asked fields share one tree (H&M colourways). The gold set (both
+   splits) is exported too, every STD field asked, so the same run gives the accuracy the defaults are
+   chosen on. Writes ``spec.npz`` (token ids only: carry it, keep it out of git) and ``index.json.gz``
+   (which product is which tree: stays here).
+2. **run** (GPU): ``python3 src/atelier/enrich/gpu.py run --spec spec.npz --gguf-dir G --out OUT
+   --lora lora=data/adapters/gemma3-270m-std-lora`` scores every tree with the base model and with the
+   committed LoRA (merged), writes the best candidate per ask (raw and calibrated) and the timings.
+3. **collect** (here): ``python benchmarks/bench_enrich_gpu.py collect --picks OUT --index .../index.json.gz``
+   turns the picks into predictions for the gold set (``gold-picks.json``, read by
+   ``bench_extraction.py gold-std/gold-re``) and, with ``--ship``, runs the ``hybrid`` extractor over every
+   product of the catalogue with its LLM sources answered from the picks, so the records are the CPU
+   path's own (``core.run_prepared``: parse, validate, item JSON) under the hybrid's model id, and writes
+   them as ``data/enriched/<dataset>-enriched.jsonl.gz`` + manifest (``atelier.enrich.shipped``).
 
-The answer constraint is the llama.cpp grammar that ``response_format={"type": "json_object",
-"schema": ...}`` builds from the answer schema (``{"re": {<10 keys in order>: [<= 2 strings of <= 32
-chars>]}}``, optional single spaces), applied as a token mask on the GPU: a token is allowed when
-all of its characters fit the grammar from the current state, greedy takes the best allowed token
-(as llama.cpp's grammar sampler does). The key names between arrays are deterministic and are fed
-as forced tokens (jump-forward), so the model picks the phrases, the array ends and the spacing.
-Differences from the CPU backend: bf16 arithmetic instead of Q4_K_M kernels, no backslash escapes
-inside phrases, the forced keys' tokenisation is llama.cpp's for the canonical text, and no
-sampled retries (a truncated answer becomes an error record).
+``carry`` splits the GGUF into chunks small enough to travel with the working tree (64 MiB a call).
+
+**ship** (here, one command): ``python benchmarks/bench_enrich_gpu.py ship --dataset hm`` writes
+``data/enriched/hm-enriched.jsonl.gz`` + manifest directly, for a ``field_sources.toml`` with no LLM source
+(today's: no LLM beat the keyword / majority / TF-IDF baselines on the gold train split, so there is nothing
+for the GPU to score); it refuses a configuration with LLM sources, which needs export / run / collect --ship.
+Its records are those ``atelier run``'s enrichment stage (``atelier.pipeline.enrich``) would make on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
+import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-# ---------------------------------------------------------------- answer grammar as token tables
-# Per RE field the grammar is: [space] "[" space ( item ( "," space item )? )? "]" space,
-# item = "\"" char{0,32} "\"" space, space = " "?, char = anything but '"' and '\\'.
-MAXLEN = 32
-# live states of one field (ids 0..N_LIVE-1)
-PRE0, PRE1, A0, A0S, AFT0, AFT0S, AFT1, AFT1S, COM, COMS = range(10)
-IN_BASE = 10  # IN(p, r) = IN_BASE + p * (MAXLEN + 1) + r
-N_LIVE = IN_BASE + 2 * (MAXLEN + 1)
-# terminal states (a field's array is closed); the forced text that follows depends on which
-END, ENDS, ENDC, ENDCS, ENDQ, ENDB1, ENDB1S, ENDB2 = range(8)
-END_CODE = 1000  # table value = END_CODE + terminal state
+import numpy as np
 
-
-def _in(p: int, r: int) -> int:
-    return IN_BASE + p * (MAXLEN + 1) + r
-
-
-def step_char(state: int, ch: str, last: bool) -> int | None:
-    """One character through one field's grammar; None = not allowed. END states are >= END_CODE."""
-    if state >= END_CODE:
-        t = state - END_CODE
-        if not last:  # "]" space "," space "\"" (the key's letters are forced, not chosen)
-            if t == END and ch == " ":
-                return END_CODE + ENDS
-            if t in (END, ENDS) and ch == ",":
-                return END_CODE + ENDC
-            if t == ENDC and ch == " ":
-                return END_CODE + ENDCS
-            if t in (ENDC, ENDCS) and ch == '"':
-                return END_CODE + ENDQ
-            return None
-        # last field: "]" space "}" space "}" (then the answer is complete)
-        if t == END and ch == " ":
-            return END_CODE + ENDS
-        if t in (END, ENDS) and ch == "}":
-            return END_CODE + ENDB1
-        if t == ENDB1 and ch == " ":
-            return END_CODE + ENDB1S
-        if t in (ENDB1, ENDB1S) and ch == "}":
-            return END_CODE + ENDB2
-        return None
-    if state == PRE0:
-        return PRE1 if ch == " " else A0 if ch == "[" else None
-    if state == PRE1:
-        return A0 if ch == "[" else None
-    if state in (A0, A0S):
-        if ch == " " and state == A0:
-            return A0S
-        return _in(0, MAXLEN) if ch == '"' else END_CODE + END if ch == "]" else None
-    if state in (AFT0, AFT0S, AFT1, AFT1S):
-        p = 0 if state in (AFT0, AFT0S) else 1
-        if ch == " " and state in (AFT0, AFT1):
-            return AFT0S if p == 0 else AFT1S
-        if ch == "," and p == 0:
-            return COM
-        return END_CODE + END if ch == "]" else None
-    if state in (COM, COMS):
-        if ch == " " and state == COM:
-            return COMS
-        return _in(1, MAXLEN) if ch == '"' else None
-    # IN(p, r)
-    p, r = divmod(state - IN_BASE, MAXLEN + 1)
-    if ch == '"':
-        return AFT0 if p == 0 else AFT1
-    if ch == "\\" or r == 0:
-        return None
-    return _in(p, r - 1)
-
-
-def run_text(state: int, text: str, last: bool) -> int | None:
-    """A token's text through the grammar from ``state`` (None when any character does not fit)."""
-    for ch in text:
-        nxt = step_char(state, ch, last)
-        if nxt is None:
-            return None
-        state = nxt
-    return state
-
-
-def grammar_tables(pieces: list[bytes]) -> dict[str, Any]:
-    """Sparse transition table for the tokens whose effect is not plain phrase text, plus masks.
-
-    Plain tokens (no '"' or '\\') inside a phrase are handled on the GPU by length (``clen``);
-    every other (state, token) pair that the grammar allows is listed here.
-    """
-    import numpy as np
-
-    texts = [p.decode("utf-8", errors="replace") if p else "" for p in pieces]
-    V = len(pieces)
-    plain = np.zeros(V, dtype=bool)
-    clen = np.zeros(V, dtype=np.int16)
-    for i, (p, _t) in enumerate(zip(pieces, texts, strict=True)):
-        if not p:
-            continue
-        # code points (continuation bytes do not count); byte tokens count as one
-        clen[i] = sum(1 for b in p if not 0x80 <= b <= 0xBF) or 1
-        plain[i] = b'"' not in p and b"\\" not in p
-    rows_s, rows_t, rows_n = [], [], []
-    structural = [i for i, t in enumerate(texts) if t and t[0] in ' ",[]}']
-    quoted = [i for i, t in enumerate(texts) if t and not plain[i]]
-    for last in (False, True):
-        off = N_LIVE if last else 0
-        for s in range(N_LIVE):
-            cands = quoted if s >= IN_BASE else structural
-            for i in cands:
-                if s >= IN_BASE and plain[i]:
-                    continue
-                n = run_text(s, texts[i], last)
-                if n is not None:
-                    rows_s.append(off + s)
-                    rows_t.append(i)
-                    rows_n.append(n)
-    return {"plain": plain, "clen": clen, "tbl_s": np.array(rows_s, dtype=np.int16),
-            "tbl_t": np.array(rows_t, dtype=np.int32), "tbl_n": np.array(rows_n, dtype=np.int16)}
-
-
-def forced_texts(re_fields: list[str]) -> list[list[str]]:
-    """Forced text after field i's array closes, per terminal state (index: terminal state)."""
-    out = []
-    for i in range(len(re_fields)):
-        if i + 1 < len(re_fields):
-            key = re_fields[i + 1]
-            out.append([f', "{key}":', f', "{key}":', f' "{key}":', f'"{key}":', f'{key}":', "", "", ""])
-        else:
-            out.append(["}}", "}}", "", "", "", "}", "}", ""])
-    return out
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 # ---------------------------------------------------------------- export (here)
-def export(dataset: str, out: Path, chat: str, limit: int | None) -> None:
-    """Requests of every distinct product input, tokenised, plus the grammar tables."""
-    import hashlib
 
-    import numpy as np
-    from llama_cpp import Llama
-    from llama_cpp.llama_chat_format import format_llama2
+
+class Tokens:
+    """llama.cpp's tokenizer (vocabulary only) and the CPU scorer's questions and labels."""
+
+    def __init__(self) -> None:
+        from llama_cpp import Llama
+
+        from atelier.config import Settings
+        from atelier.enrich.embedded import ensure_gguf
+        from atelier.enrich.loglik import _TURN, LogLikExtractor
+        from atelier.enrich.phrase_llm import ANSWERS, QUESTION
+
+        settings = Settings()
+        path = ensure_gguf(settings.gguf_path())
+        self.vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        # The scorer's own question and label code, with the vocabulary-only tokenizer: no weights loaded.
+        self.scorer = LogLikExtractor(path)
+        self.scorer._llm = self.vocab
+        self.head, self.tail = _TURN.split("{product}")
+        self.answers = [self.tok(w) for w in ANSWERS]
+        q_head, q_tail = QUESTION.split("{phrase}")
+        self.re_head = self.tok(self.tail.split("{question}")[0] + q_head)
+        self.re_tail = self.tok(q_tail + self.tail.split("{question}")[1])
+        self.question = QUESTION
+
+    def tok(self, text: str, bos: bool = False) -> list[int]:
+        """Token ids as llama.cpp makes them."""
+        return list(self.vocab.tokenize(text.encode("utf-8"), add_bos=bos, special=True))
+
+    def prefix(self, text: str) -> list[int]:
+        """The product prefix of every ask (``score_questions``' ``Product: <text>``)."""
+        return self.tok(self.head + f"Product: {text}", bos=True)
+
+    def std(self, field: str) -> tuple[list[int], list[list[int]]]:
+        """(question tokens, label token lists) of an STD field."""
+        q = self.tok(self.tail.replace("{question}", self.scorer._question(field)))
+        return q, self.scorer._field(field).tokens
+
+    def re_question(self, phrase: str) -> tuple[list[int], bool]:
+        """(tokens, full): the phrase's own tokens when head + phrase + tail tokenise as the whole question,
+        else the whole question's tokens (``full``)."""
+        whole = self.tok(self.tail.replace("{question}", self.question.format(phrase=phrase)))
+        own = self.tok(phrase)
+        if self.re_head + own + self.re_tail == whole:
+            return own, False
+        return whole, True
+
+
+class SetWriter:
+    """One exported set: flat token arrays with offsets (see ``atelier.enrich.gpu.read_spec``)."""
+
+    def __init__(self) -> None:
+        self.prefix: list[np.ndarray] = []
+        self.std: list[list[int]] = []
+        self.re_tok: list[np.ndarray] = []
+        self.re_full: list[int] = []
+        self.re_count: list[int] = []
+
+    def add(self, prefix: list[int], std: list[int], re_q: list[tuple[list[int], bool]]) -> None:
+        """One tree: prefix tokens, STD field ids, RE part questions."""
+        self.prefix.append(np.asarray(prefix, np.int32))
+        self.std.append(std)
+        for toks, full in re_q:
+            self.re_tok.append(np.asarray(toks, np.int32))
+            self.re_full.append(int(full))
+        self.re_count.append(len(re_q))
+
+    def arrays(self, name: str) -> dict[str, np.ndarray]:
+        """The set's arrays under ``<name>.``."""
+        def cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+        def off(lengths: list[int]) -> np.ndarray:
+            return np.cumsum([0, *lengths]).astype(np.int64)
+
+        return {f"{name}.prefix": cat(self.prefix, np.int32), f"{name}.prefix_off": off([len(p) for p in self.prefix]),
+                f"{name}.std": cat([np.asarray(s, np.int16) for s in self.std], np.int16),
+                f"{name}.std_off": off([len(s) for s in self.std]),
+                f"{name}.re_tok": cat(self.re_tok, np.int32), f"{name}.re_tok_off": off([len(t) for t in self.re_tok]),
+                f"{name}.re_full": np.asarray(self.re_full, np.uint8), f"{name}.re_off": off(self.re_count)}
+
+
+def export(dataset: str, out: Path, limit: int | None, gold: bool) -> None:
+    """Trees of every distinct product of ``dataset`` (and of the gold set); ``spec.npz`` + ``index.json.gz``."""
+    from bench_extraction import GOLD_FIELDS, gold_products
+    from gold_set import load as load_gold
 
     from atelier.config import Settings
     from atelier.enrich.batch import load_products
     from atelier.enrich.core import EnrichOptions, prepare
-    from atelier.schema import load_schema
-
-    settings, schema = Settings(), load_schema()
-    options = EnrichOptions(fields=(), show_known=False)
-    t0 = time.perf_counter()
-    products = load_products(settings, dataset, limit, schema)
-    print(f"{len(products)} products ({time.perf_counter() - t0:.0f}s)", flush=True)
-    vocab = Llama(model_path=str(settings.gguf_path()), vocab_only=True, verbose=False)
-
-    def fmt(content: str) -> str:
-        if chat == "llama-2":  # what create_chat_completion does for a GGUF without a chat template
-            return format_llama2(messages=[{"role": "user", "content": content}]).prompt
-        return f"<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n"
-
-    def tok(text: str, bos: bool) -> list[int]:
-        return list(vocab.tokenize(text.encode("utf-8"), add_bos=bos, special=True))
-
-    hashes: list[str] = []
-    order: dict[str, int] = {}
-    first: list[int] = []
-    re_fields: list[str] = []
-    for n, p in enumerate(products):
-        prep = prepare(p, schema, options)
-        re_fields = prep.re_fields
-        hashes.append(prep.input_hash)
-        if prep.input_hash not in order:
-            order[prep.input_hash] = len(first)
-            first.append(n)
-    print(f"{len(first)} distinct inputs", flush=True)
-    # Split every prompt at "\n\nProduct listing:" into the shared head and the product's tail.
-    split = "\n\nProduct listing:"
-    head_text = None
-    tails: list[list[int]] = []
-    checked = 0
-    for k, n in enumerate(first):
-        content = prepare(products[n], schema, options).request.messages[0]["content"]
-        prompt = fmt(content)
-        cut = prompt.index(split)
-        if head_text is None:
-            head_text = prompt[:cut]
-            head = tok(head_text, True)
-        assert prompt[:cut] == head_text
-        tail = tok(prompt[cut:], False)
-        if k % 500 == 0:  # the split must not change the tokens
-            assert tok(prompt, True) == head + tail, "prompt does not tokenise at the split"
-            checked += 1
-        tails.append(tail)
-        if k % 10000 == 0:
-            print(k, len(head), len(tail), flush=True)
-    pieces = [vocab.detokenize([i]) for i in range(vocab.n_vocab())]
-    tables = grammar_tables(pieces)
-    forced = forced_texts(re_fields)
-    forced_ids = [[tok(t, False) if t else [] for t in row] for row in forced]
-    # the fixed start of every answer, up to the first key's colon
-    start_ids = tok('{"re": {"' + re_fields[0] + '":', False)
-    offsets = np.cumsum([0] + [len(t) for t in tails]).astype(np.int64)
-    item_ids = [p.item_id for p in products]
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"dataset": dataset, "chat": chat, "re_fields": re_fields, "forced": forced, "forced_ids": forced_ids,
-            "start_ids": start_ids, "n_live": N_LIVE, "in_base": IN_BASE, "maxlen": MAXLEN, "end_code": END_CODE,
-            "hashes": [hashes[n] for n in first], "max_new_tokens": 32 + (4 + 2 * 12) * len(re_fields),
-            "split_checked": checked, "head_tokens": len(head)}
-    np.savez_compressed(out / "spec.npz", head=np.array(head, dtype=np.int32),
-                        tails=np.concatenate([np.array(t, dtype=np.int32) for t in tails]), offsets=offsets,
-                        piece_bytes=np.frombuffer(b"".join(pieces), dtype=np.uint8),
-                        piece_off=np.cumsum([0] + [len(p) for p in pieces]).astype(np.int64),
-                        meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **tables)
-    # which distinct input each article uses (kept here: only collect needs it)
-    (out / "articles.json").write_text(json.dumps({"item_ids": item_ids, "hashes": hashes}))
-    digest = hashlib.sha256((out / "spec.npz").read_bytes()).hexdigest()[:16]
-    print(f"written {out / 'spec.npz'} ({(out / 'spec.npz').stat().st_size / 1e6:.1f} MB, sha {digest}); "
-          f"head {len(head)} tokens, tails mean {np.mean([len(t) for t in tails]):.0f}", flush=True)
-
-
-# ---------------------------------------------------------------- run (GPU machine)
-def load_model(gguf_dir: Path, gguf_file: str, device: str, dtype_name: str) -> tuple[Any, float]:
-    """The model from a saved bf16 copy if there is one, else from the GGUF (then saved)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = getattr(torch, dtype_name)
-    t0 = time.perf_counter()
-    # transformers will not save a GGUF-loaded model: keep class, config and weights ourselves
-    saved = gguf_dir / f"converted-{dtype_name}.pt"
-    if saved.is_file():
-        blob = torch.load(saved, weights_only=False)
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            model = blob["cls"](blob["config"])
-        torch.set_default_dtype(torch.float32)
-        model.load_state_dict(blob["state"])
-        model.tie_weights()
-        return model.to(device=device, dtype=dtype).eval(), time.perf_counter() - t0
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=dtype)
-    try:
-        torch.save({"cls": type(model), "config": model.config, "state": model.state_dict()}, saved)
-    except Exception as exc:
-        print("could not save the converted model:", exc, flush=True)
-    return model.to(device).eval(), time.perf_counter() - t0
-
-
-class Decoder:
-    """Batched greedy decoding under the answer grammar (token masks built from the spec's tables)."""
-
-    def __init__(self, model: Any, spec: dict[str, Any], device: str) -> None:
-        import torch
-
-        self.model, self.device = model, device
-        meta = spec["meta"]
-        self.meta = meta
-        V = int(model.config.vocab_size if hasattr(model.config, "vocab_size") else
-                 model.config.get_text_config().vocab_size)
-        n = len(spec["plain"])
-        assert n <= V, (V, n)
-        self.V = V
-        n_live = meta["n_live"]
-        self.n_live, self.in_base = n_live, meta["in_base"]
-        self.maxlen, self.end_code = meta["maxlen"], meta["end_code"]
-        tbl = torch.full((2 * n_live, V), -1, dtype=torch.int16)
-        tbl[torch.from_numpy(spec["tbl_s"].astype("int64")), torch.from_numpy(spec["tbl_t"].astype("int64"))] = \
-            torch.from_numpy(spec["tbl_n"])
-        self.tbl = tbl.to(device)
-        plain = torch.zeros(V, dtype=torch.bool)
-        plain[:n] = torch.from_numpy(spec["plain"])
-        clen = torch.full((V,), 10_000, dtype=torch.int32)
-        clen[:n] = torch.from_numpy(spec["clen"].astype("int32"))
-        self.plain, self.clen = plain.to(device), clen.to(device)
-        # forced token lists: index = field * 8 + terminal state
-        rows = [ids for field in meta["forced_ids"] for ids in field]
-        width = max(1, max(len(r) for r in rows))
-        forced = torch.full((len(rows), width), -1, dtype=torch.long)
-        for i, r in enumerate(rows):
-            if r:
-                forced[i, : len(r)] = torch.tensor(r)
-        self.forced = forced.to(device)
-        self.forced_len = torch.tensor([len(r) for r in rows], device=device)
-        self.n_fields = len(meta["re_fields"])
-        self.start = torch.tensor(meta["start_ids"], dtype=torch.long, device=device)
-
-    def generate(self, prompts: list[list[int]], max_new: int,
-                 compact_at: float = 0.7) -> tuple[list[list[int]], dict[str, int]]:
-        """Greedy answers (token ids, forced ones included) for one batch of prompt token lists."""
-        import torch
-        from transformers import DynamicCache
-
-        dev = self.device
-        B = len(prompts)
-        L = max(len(p) for p in prompts)
-        ids = torch.zeros((B, L), dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding
-            ids[i, L - len(p):] = torch.tensor(p)
-            mask[i, L - len(p):] = 1
-        # the fixed answer start ('{"re": {"category_specification":') is part of the prefill
-        S = len(self.start)
-        ids = torch.cat([ids, self.start.cpu().expand(B, S)], 1).to(dev)
-        mask = torch.cat([mask, torch.ones((B, S), dtype=torch.long)], 1).to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out_tok = torch.full((B, max_new + S), -1, dtype=torch.long, device=dev)
-        out_tok[:, :S] = self.start
-        rows = torch.arange(B, device=dev)  # original row of each active row
-        state = torch.full((B,), PRE0, dtype=torch.long, device=dev)
-        field = torch.zeros(B, dtype=torch.long, device=dev)
-        fid = torch.zeros(B, dtype=torch.long, device=dev)  # forced row being fed
-        fpos = torch.full((B,), -1, dtype=torch.long, device=dev)  # -1: not forcing
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        stats = {"steps": 0, "compactions": 0, "truncated": 0}
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1]
-            last_pos = pos[:, -1]
-            for t in range(max_new):
-                last_flag = (field == self.n_fields - 1).long()
-                srow = last_flag * self.n_live + state.clamp(max=self.n_live - 1)
-                allowed = self.tbl[srow] >= 0
-                is_in = state >= self.in_base
-                r = torch.where(is_in, (state - self.in_base) % (self.maxlen + 1), torch.zeros_like(state))
-                allowed |= is_in[:, None] & self.plain[None, :] & (self.clen[None, :] <= r[:, None])
-                lg = logits.float().masked_fill(~allowed, float("-inf"))
-                choice = lg.argmax(-1)
-                forcing = fpos >= 0
-                ftok = self.forced[fid, fpos.clamp(min=0)]
-                tok = torch.where(forcing, ftok, choice)
-                tok = torch.where(done, torch.zeros_like(tok), tok)
-                # grammar step for chosen tokens
-                nxt = self.tbl[srow, choice].long()
-                p_in = (state - self.in_base) // (self.maxlen + 1)
-                plain_next = self.in_base + p_in * (self.maxlen + 1) + r - self.clen[choice].long()
-                nxt = torch.where(nxt >= 0, nxt, plain_next)
-                chosen = ~forcing & ~done
-                # no allowed token at all (should not happen): the row ends here, truncated
-                dead = chosen & torch.isinf(lg.max(-1).values)
-                ended = chosen & ~dead & (nxt >= self.end_code)
-                state = torch.where(chosen & ~ended & ~dead, nxt, state)
-                # a closed array: start feeding the forced text that follows it
-                term = (nxt - self.end_code).clamp(min=0)
-                new_fid = field * 8 + term
-                fid = torch.where(ended, new_fid, fid)
-                fpos = torch.where(ended, torch.zeros_like(fpos), torch.where(forcing, fpos + 1, fpos))
-                # forced text finished (or empty): next field, or the answer is complete
-                flen = self.forced_len[fid]
-                fin_forced = (fpos >= 0) & (fpos >= flen)
-                last_field = field == self.n_fields - 1
-                done = done | dead | (fin_forced & last_field)
-                adv = fin_forced & ~last_field
-                field = torch.where(adv, field + 1, field)
-                state = torch.where(adv, torch.full_like(state, PRE0), state)
-                fpos = torch.where(fin_forced, torch.full_like(fpos, -1), fpos)
-                # record the token fed this step (forced ones too); a row that just finished feeds nothing
-                out_tok[rows, S + t] = torch.where(done & ~(forcing | chosen), torch.full_like(tok, -1), tok)
-                stats["steps"] = t + 1
-                # done rows are -1 from here on; check for compaction / the end every 8 steps
-                if t % 8 == 7:
-                    n_done = int(done.sum())
-                    if n_done == len(rows):
-                        break
-                    if n_done >= (1 - compact_at) * len(rows):
-                        keep = (~done).nonzero().squeeze(1)
-                        cache.batch_select_indices(keep)
-                        rows, state, field, fid, fpos, done = (x[keep] for x in (rows, state, field, fid, fpos, done))
-                        mask, last_pos, tok = mask[keep], last_pos[keep], tok[keep]
-                        stats["compactions"] += 1
-                feed = tok.clone()
-                last_pos = last_pos + 1
-                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=dev)], 1)
-                logits = self.model(input_ids=feed[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                                    past_key_values=cache, use_cache=True).logits[:, -1]
-            stats["truncated"] = int((~done).sum())
-        res = out_tok.cpu().tolist()
-        return [[x for x in r if x >= 0] for r in res], stats
-
-
-def run(spec_path: Path, gguf_dir: Path, gguf_file: str, out: Path, batch: int, limit: int | None,
-        skip: list[Path] | None, time_budget: float, dtype_name: str) -> None:
-    """Generate every distinct input's answer; append raw answers per batch; write a timing report."""
-    import numpy as np
-    import torch
-
-    t_all = time.perf_counter()
-    z = np.load(spec_path)
-    spec = {k: z[k] for k in z.files}
-    meta = json.loads(bytes(spec["meta"]).decode())
-    spec["meta"] = meta
-    head = spec["head"].tolist()
-    tails, offs = spec["tails"], spec["offsets"]
-    pb, po = spec["piece_bytes"].tobytes(), spec["piece_off"]
-    pieces = [pb[po[i]:po[i + 1]] for i in range(len(po) - 1)]
-    hashes = meta["hashes"]
-    done_hashes: set[str] = set()
-    for path in skip or []:  # earlier answers: a JSON list of hashes, or raw.jsonl.gz files
-        if not path.is_file():
-            continue
-        if path.suffix == ".json":
-            done_hashes |= set(json.loads(path.read_text()))
-            continue
-        try:
-            with gzip.open(path, "rt") as fh:
-                for line in fh:
-                    with contextlib.suppress(json.JSONDecodeError, KeyError):
-                        done_hashes.add(json.loads(line)["h"])
-        except (EOFError, OSError):
-            pass  # a torn end of an interrupted call
-    todo = [i for i in range(len(hashes)) if hashes[i] not in done_hashes]
-    if limit is not None:
-        todo = todo[:limit]
-    todo.sort(key=lambda i: offs[i + 1] - offs[i])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, load_s = load_model(gguf_dir, gguf_file, device, dtype_name)
-    dec = Decoder(model, spec, device)
-    print(f"model loaded in {load_s:.1f}s on {device}; {len(todo)} inputs to do "
-          f"({len(done_hashes)} skipped); head {len(head)} tokens", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__, "dtype": dtype_name, "load_seconds": round(load_s, 1),
-        "batch": batch, "chat": meta["chat"], "head_tokens": len(head), "batches": [],
-    }
-    gen_s, n_done, n_tokens, t_gen0 = 0.0, 0, 0, time.perf_counter()
-    with gzip.open(out / "raw.jsonl.gz", "at") as fh:
-        for b0 in range(0, len(todo), batch):
-            if time.perf_counter() - t_all > time_budget:
-                print("time budget reached: stopping (resume with --skip)", flush=True)
-                report["stopped_early"] = True
-                break
-            idx = todo[b0:b0 + batch]
-            prompts = [head + tails[offs[i]:offs[i + 1]].tolist() for i in idx]
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            answers, stats = dec.generate(prompts, meta["max_new_tokens"])
-            if device == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t
-            gen_s += dt
-            n_done += len(idx)
-            toks = sum(len(a) for a in answers)
-            n_tokens += toks
-            for i, a in zip(idx, answers, strict=True):
-                raw = b"".join(pieces[x] for x in a if x < len(pieces)).decode("utf-8", errors="replace")
-                fh.write(json.dumps({"h": hashes[i], "raw": raw, "n": len(a)}) + "\n")
-            fh.flush()
-            row = {"n": len(idx), "seconds": round(dt, 2), "items_per_s": round(len(idx) / dt, 1),
-                   "prompt_len_max": max(len(p) for p in prompts), "answer_tokens": toks, **stats}
-            report["batches"].append(row)
-            print(f"batch {b0 // batch}: {row}  total {n_done}/{len(todo)} "
-                  f"{n_done / gen_s:.1f} inputs/s", flush=True)
-    report.update(inputs=n_done, generation_seconds=round(gen_s, 1),
-                  inputs_per_s=round(n_done / gen_s, 1) if gen_s else 0,
-                  answer_tokens=n_tokens, new_tokens_per_s=round(n_tokens / gen_s) if gen_s else 0,
-                  wall_seconds=round(time.perf_counter() - t_all, 1),
-                  wall_generation_seconds=round(time.perf_counter() - t_gen0, 1),
-                  max_memory_gb=round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k != "batches"}), flush=True)
-
-
-# ---------------------------------------------------------------- collect (here)
-def collect(raws: list[Path], articles: Path, out: Path, report_paths: list[Path], name: str,
-            manifest_extra: dict[str, Any]) -> None:
-    """Validate every answer through atelier's parse/repair path; write the enriched catalogue + manifest."""
-    import hashlib
-    from datetime import UTC, datetime
-
-    from pydantic import ValidationError
-
-    from atelier.config import Settings
-    from atelier.enrich.batch import load_products
-    from atelier.enrich.core import AnswerError, EnrichOptions, _item, parse_answer, prepare
+    from atelier.enrich.fieldwise import product_text
+    from atelier.enrich.phrases import PHRASES_VERSION, candidate_phrases
     from atelier.enrich.prompt import PROMPT_VERSION
     from atelier.schema import load_schema
 
-    schema = load_schema()
-    arts = json.loads(articles.read_text())
-    answers: dict[str, dict[str, Any]] = {}
-    for raw_path in raws:
-        with gzip.open(raw_path, "rt") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line of an interrupted call
-                answers[rec["h"]] = rec
-    settings = Settings()
-    products = load_products(settings, manifest_extra["dataset"], None, schema)
-    assert [p.item_id for p in products] == arts["item_ids"], "catalogue changed since export"
-    options = EnrichOptions(fields=(), show_known=False)
-    parsed: dict[str, tuple[str, dict[str, list[str]], list[str], str | None]] = {}
-    counts = {"ok": 0, "repaired": 0, "error": 0, "missing": 0}
-    dcounts = {"ok": 0, "repaired": 0, "error": 0, "missing": 0}
-    out.mkdir(parents=True, exist_ok=True)
-    items_path = out / f"{name}.jsonl.gz"
-    errors_path = out / f"{name}.errors.jsonl.gz"
-    re_fields = list(schema.re)
-    backend = manifest_extra["backend"]
-    with gzip.open(items_path, "wt", compresslevel=9) as fi, gzip.open(errors_path, "wt", compresslevel=9) as fe:
-        for prod, h in zip(products, arts["hashes"], strict=True):
-            if h not in parsed:
-                rec = answers.get(h)
-                if rec is None:
-                    parsed[h] = ("missing", {}, [], "not generated")
-                else:
-                    try:
-                        _, rfv, notes = parse_answer(rec["raw"], schema, [], re_fields)
-                        parsed[h] = ("repaired" if notes else "ok", rfv, notes, None)
-                    except AnswerError as exc:
-                        parsed[h] = ("error", {}, [], str(exc))
-                dcounts[parsed[h][0]] += 1
-            status, rfv, notes, err = parsed[h]
-            assert prepare(prod, schema, options).input_hash == h
-            if status in ("ok", "repaired"):
-                try:
-                    item, issues = _item(prod, {}, rfv, schema)
-                except ValidationError as exc:
-                    status, err = "error", f"validation: {str(exc).splitlines()[0]}"
-                else:
-                    if issues and status == "ok":
-                        status = "repaired"
-                    row = {"item_id": item.item_id, "status": status, "input_hash": h,
-                           "clothes": item.clothes, "reinforced_feature_value": item.reinforced_feature_value}
-                    if notes or issues:
-                        row["issues"] = [*notes, *issues]
-                    fi.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
-            if status in ("error", "missing"):
-                rec = answers.get(h) or {}
-                fe.write(json.dumps({"item_id": prod.item_id, "backend": backend, "prompt_version": PROMPT_VERSION,
-                                     "input_hash": h, "error": err, "raw": rec.get("raw"), "attempts": 1},
-                                    ensure_ascii=False) + "\n")
-            counts[status] += 1
-    reports = [json.loads(p.read_text()) for p in report_paths if p.is_file()]
-    manifest = {
-        "file": items_path.name, "errors_file": errors_path.name,
-        "sha256": hashlib.sha256(items_path.read_bytes()).hexdigest(),
-        "bytes": items_path.stat().st_size, "errors_bytes": errors_path.stat().st_size,
-        "prompt_version": PROMPT_VERSION, "schema_version": schema.version, "backend": backend,
-        "articles": len(products), "distinct_inputs": len(parsed),
-        "counts_articles": counts, "counts_distinct_inputs": dcounts,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"), "gpu_runs": reports, **manifest_extra,
-    }
-    (out / f"{name}.manifest.json").write_text(json.dumps(manifest, indent=1))
-    print(json.dumps({k: v for k, v in manifest.items() if k != "gpu_runs"}, indent=1))
+    t0 = time.perf_counter()
+    settings, schema = Settings(), load_schema()
+    tk = Tokens()
+    fields = list(schema.std)
+    field_id = {f: i for i, f in enumerate(fields)}
+    std_q, cand_sets, std_cands = [], [], []
+    for f in fields:
+        q, cands = tk.std(f)
+        std_q.append(q)
+        std_cands.append(len(cand_sets))
+        cand_sets.append(cands)
+    re_cands = len(cand_sets)
+    cand_sets.append(tk.answers)
+    arrays: dict[str, np.ndarray] = {}
+    index: dict[str, Any] = {"fields": fields, "prompt_version": PROMPT_VERSION, "phrases_version": PHRASES_VERSION,
+                             "sets": {}}
+    stats = {"re_full_questions": 0, "re_questions": 0}
 
+    def tree(w: SetWriter, text: str, title: str, description: str, asked: list[str]) -> dict[str, Any]:
+        parts = [c.text for c in candidate_phrases(title, description, schema) if c.role == "part"]
+        re_q = [tk.re_question(p) for p in parts]
+        stats["re_questions"] += len(re_q)
+        stats["re_full_questions"] += sum(full for _, full in re_q)
+        w.add(tk.prefix(text), [field_id[f] for f in asked], re_q)
+        return {"std": asked, "parts": parts}
+
+    if gold:
+        for ds in ("hm", "myntra"):
+            path = ROOT / "benchmarks" / "gold" / f"{ds}.jsonl"
+            recs = load_gold(path)
+            w = SetWriter()
+            rows = []
+            for rec, p in zip(recs, gold_products(settings, ds, recs), strict=True):
+                row = tree(w, product_text(p.title, p.description), p.title, p.description, list(GOLD_FIELDS))
+                rows.append({"item_id": rec["item_id"], "split": rec["split"], **row})
+            arrays.update(w.arrays(f"gold_{ds}"))
+            index["sets"][f"gold_{ds}"] = {"items": rows}
+            print(f"gold {ds}: {len(rows)} trees ({time.perf_counter() - t0:.0f}s)", flush=True)
+    products = load_products(settings, dataset, limit, schema)
+    options = EnrichOptions()
+    w = SetWriter()
+    keys: dict[tuple[str, tuple[str, ...]], int] = {}
+    trees: list[dict[str, Any]] = []
+    articles: list[list[Any]] = []
+    for n, p in enumerate(products):
+        prep = prepare(p, schema, options)
+        text = product_text(p.title, p.description)
+        key = (text, tuple(prep.fields))
+        if key not in keys:
+            keys[key] = len(trees)
+            trees.append(tree(w, text, p.title, p.description, prep.fields))
+        articles.append([p.item_id, prep.input_hash, keys[key]])
+        if n % 20000 == 0:
+            print(f"{dataset}: {n}/{len(products)} products, {len(trees)} trees ({time.perf_counter() - t0:.0f}s)",
+                  flush=True)
+    arrays.update(w.arrays(dataset))
+    index["sets"][dataset] = {"items": trees, "articles": articles}
+    meta = {"fields": fields, "std_questions": std_q, "std_cands": std_cands, "cand_sets": cand_sets,
+            "re_cands": re_cands, "re_head": tk.re_head, "re_tail": tk.re_tail, "prior_prefix": tk.prefix("N/A"),
+            "sets": {name: len(s["items"]) for name, s in index["sets"].items()}}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "spec.npz", **arrays)
+    digest = hashlib.sha256((out / "spec.npz").read_bytes()).hexdigest()
+    index.update(spec_sha256=digest, dataset=dataset, export_stats=stats, products=len(products))
+    (out / "index.json.gz").write_bytes(gzip.compress(json.dumps(index).encode()))
+    print(f"written {out / 'spec.npz'} ({(out / 'spec.npz').stat().st_size / 1e6:.1f} MB, sha {digest[:16]}); "
+          f"{len(products)} products -> {len(trees)} trees; {stats} ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+
+def carry(gguf: Path, out: Path, chunk_mb: int) -> None:
+    """Split the GGUF into ``part-NN`` files of ``chunk_mb`` MB (one carried per call) plus its sha256."""
+    data = gguf.read_bytes()
+    out.mkdir(parents=True, exist_ok=True)
+    size = chunk_mb * 2**20
+    for i in range(0, len(data), size):
+        (out / f"part-{i // size:02d}").write_bytes(data[i:i + size])
+    (out / "sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    print(f"{(len(data) + size - 1) // size} parts of <= {chunk_mb} MB in {out}")
+
+
+# ---------------------------------------------------------------- collect (here)
+
+
+def read_picks(picks_dir: Path, index: dict[str, Any]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Per variant and set: per tree, {"std": {field: value (raw)}, "std_cal": {...}, "re": {phrase: RE field}}."""
+    from atelier.enrich.phrase_llm import ANSWERS
+    from atelier.enrich.phrases import FIELD_WORDS  # noqa: F401  (ANSWERS' keys are these words)
+    from atelier.schema import load_schema
+
+    schema = load_schema()
+    from atelier.enrich.prompt import label_maps
+
+    values = {f: list(label_maps(schema)[f].values()) for f in index["fields"]}
+    answers = list(ANSWERS.values())
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for path in sorted(picks_dir.glob("picks-*.npz")):
+        variant = path.stem.split("-", 1)[1]
+        z = np.load(path)
+        out[variant] = {}
+        for name, s in index["sets"].items():
+            if f"{name}.best" not in z.files:
+                continue
+            best, cal, off = z[f"{name}.best"], z[f"{name}.best_cal"], z[f"{name}.offsets"]
+            rows = []
+            for i, item in enumerate(s["items"]):
+                b, c = best[off[i]:off[i + 1]], cal[off[i]:off[i + 1]]
+                n_std = len(item["std"])
+                assert len(b) == n_std + len(item["parts"]), (name, i)
+                rows.append({"std": {f: values[f][int(b[k])] for k, f in enumerate(item["std"])},
+                             "std_cal": {f: values[f][int(c[k])] for k, f in enumerate(item["std"])},
+                             "re": {p: answers[int(b[n_std + k])] for k, p in enumerate(item["parts"])}})
+            out[variant][name] = rows
+    return out
+
+
+def collect(picks_dir: Path, index_path: Path, out: Path, ship: Path | None, name: str) -> None:
+    """Gold predictions from the picks (``gold-picks.json``); with ``ship``, the shipped enrichment file."""
+    index = json.loads(gzip.decompress(index_path.read_bytes()))
+    picks = read_picks(picks_dir, index)
+    report = json.loads((picks_dir / "report.json").read_text())
+    gold: dict[str, Any] = {"report": report, "variants": {}}
+    for variant, sets in picks.items():
+        gold["variants"][variant] = {}
+        for set_name, rows in sets.items():
+            if not set_name.startswith("gold_"):
+                continue
+            items = index["sets"][set_name]["items"]
+            gold["variants"][variant][set_name.removeprefix("gold_")] = [
+                {"item_id": it["item_id"], "split": it["split"], **row} for it, row in zip(items, rows, strict=True)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gold-picks.json").write_text(json.dumps(gold))
+    print("written", out / "gold-picks.json")
+    if ship is not None:
+        ship_catalogue(index, picks, report, ship, name)
+
+
+def ship_catalogue(index: dict[str, Any] | None, picks: dict[str, Any], report: dict[str, Any] | None, out: Path,
+                   name: str, dataset: str = "hm") -> None:
+    """Run ``hybrid`` over the catalogue and write the shipped file (``atelier.enrich.shipped.write_shipped``).
+
+    The hybrid's LLM sources answer from the GPU picks (``index``/``picks``/``report`` of ``collect``); its
+    MiniLM / TF-IDF sources from one batched pass over the distinct texts (``shipped.batched_stand_ins``, the
+    same models, as ``atelier run``'s enrichment stage does); everything else (keyword rules, majority
+    fallbacks, grounded RE phrases, parsing, validation) is the CPU path itself. Stand-ins keep the copied
+    backend's answers, and the hybrid's model id names only its configuration and rule versions, so the
+    records are what ``atelier enrich --backend hybrid`` caches. Without picks (``ship``) the configuration
+    must have no LLM source.
+    """
+    from atelier.config import Settings
+    from atelier.enrich.batch import load_products
+    from atelier.enrich.core import EnrichOptions, prepare
+    from atelier.enrich.fieldwise import product_text
+    from atelier.enrich.hybrid import LLM_METHODS, LOCAL_LLM, HybridExtractor
+    from atelier.enrich.shipped import PickedExtractor, batched_stand_ins, write_shipped
+    from atelier.schema import load_schema
+
+    dataset = index["dataset"] if index is not None else dataset
+    settings, schema = Settings(), load_schema()
+    products = load_products(settings, dataset, None, schema)
+    hybrid = HybridExtractor(settings=settings)
+    llm = sorted({f for f, s in hybrid.sources.fields.items() if s.method in LLM_METHODS}
+                 | ({"re"} if hybrid.sources.re in LOCAL_LLM else set()))
+    backends: dict[str, Any] = {}
+    if index is not None:
+        arts = index["sets"][dataset]["articles"]
+        assert [p.item_id for p in products] == [a[0] for a in arts], "catalogue changed since export"
+        by_text: dict[str, dict[str, Any]] = {}
+        for variant, sets in picks.items():
+            rows = sets.get(dataset, [])
+            table: dict[str, Any] = {}
+            for p, (_, _, t) in zip(products, arts, strict=True):
+                table.setdefault(product_text(p.title, p.description), rows[t])
+            by_text[variant] = table
+        backends.update(PickedExtractor.for_hybrid(hybrid, by_text, products))
+    elif llm:
+        raise SystemExit(f"field_sources.toml has LLM sources ({', '.join(llm)}): score them on the GPU first "
+                         "(export, gpu.py run, collect --ship; see the module docstring)")
+    t0 = time.perf_counter()
+    options = EnrichOptions()
+    asks = []
+    for p in products:
+        prep = prepare(p, schema, options)
+        asks.append((p.title, p.description, prep.fields))
+    batched = batched_stand_ins(hybrid.with_backends(backends), asks)
+    print(f"batched picks {sorted(batched)}: {time.perf_counter() - t0:.0f}s", flush=True)
+    backends.update(batched)
+    hybrid._backends.update(backends)
+    t0 = time.perf_counter()
+    how = ("bench_enrich_gpu.py collect --ship: LLM sources answered from the GPU picks" if index is not None else
+           "bench_enrich_gpu.py ship: on the CPU (this configuration has no LLM source, so no GPU scoring)")
+    manifest = write_shipped(products, hybrid, schema, options, out, name, dataset, extra={
+        "how": how + "; hybrid over every distinct product through the CPU path (prompt, parse, validation); "
+               "MiniLM and TF-IDF sources from one batched pass over the distinct texts",
+        "command": " ".join(["python benchmarks/bench_enrich_gpu.py", *sys.argv[1:]]),
+        "sources": {f: s.backend for f, s in hybrid.sources.fields.items()}, "re": hybrid.sources.re,
+        "versions": hybrid.versions(), "llm_sources": llm,
+        "stand_ins": {k: v.model_id for k, v in backends.items()},
+        "gpu_run": report, "spec_sha256": None if index is None else index.get("spec_sha256"),
+        "trees": None if index is None else len(index["sets"][dataset]["items"])})
+    print(json.dumps({k: v for k, v in manifest.items() if k != "gpu_run"}, indent=1),
+          f"({time.perf_counter() - t0:.0f}s)")
+
+
+# ---------------------------------------------------------------- item tower with shipped RE (history)
 
 def pack_tower(dataset: str, out: Path, run_dir: Path) -> None:
     """``benchmarks/item_tower_gpu.py pack`` with the shipped RE values merged into the item JSON.
@@ -673,32 +440,30 @@ def tower_eval(dataset: str, checkpoints: Path, run_dir: Path, out: Path) -> Non
     print("report:", path)
 
 
+
+
 def main() -> None:
-    """``export`` and ``collect`` here, ``run`` on the GPU machine."""
+    """``export``, ``carry`` and ``collect`` here; ``run`` there is ``src/atelier/enrich/gpu.py run``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export")
     ex.add_argument("--dataset", default="hm")
     ex.add_argument("--out", type=Path, required=True)
-    ex.add_argument("--chat", choices=["llama-2", "gemma"], default="llama-2")
-    ex.add_argument("--limit", type=int)
-    rn = sub.add_parser("run")
-    rn.add_argument("--spec", type=Path, required=True)
-    rn.add_argument("--gguf-dir", type=Path, required=True)
-    rn.add_argument("--gguf-file", default="gemma3-270m-q4_k_m.gguf")
-    rn.add_argument("--out", type=Path, required=True)
-    rn.add_argument("--batch", type=int, default=1024)
-    rn.add_argument("--limit", type=int)
-    rn.add_argument("--skip", type=Path, nargs="*")
-    rn.add_argument("--time-budget", type=float, default=1e9, help="stop starting batches after this many seconds")
-    rn.add_argument("--dtype", default="bfloat16")
+    ex.add_argument("--limit", type=int, help="first N products only (a smoke test)")
+    ex.add_argument("--no-gold", action="store_true", help="leave the gold set out")
+    ca = sub.add_parser("carry")
+    ca.add_argument("--out", type=Path, required=True)
+    ca.add_argument("--chunk-mb", type=int, default=40)
     co = sub.add_parser("collect")
-    co.add_argument("--raw", type=Path, nargs="+", required=True)
-    co.add_argument("--articles", type=Path, required=True)
-    co.add_argument("--reports", type=Path, nargs="*", default=[])
-    co.add_argument("--out", type=Path, default=Path("data/enriched"))
-    co.add_argument("--name", default="hm-re")
-    co.add_argument("--extra", type=json.loads, default={}, help="JSON merged into the manifest")
+    co.add_argument("--picks", type=Path, required=True, help="the folder `gpu.py run` wrote (picks-*.npz, report)")
+    co.add_argument("--index", type=Path, required=True)
+    co.add_argument("--out", type=Path, required=True, help="where gold-picks.json goes")
+    co.add_argument("--ship", type=Path, help="also write the shipped enrichment file into this folder")
+    co.add_argument("--name", default="hm-enriched")
+    sh = sub.add_parser("ship", help="the shipped file on the CPU, for a configuration without LLM sources")
+    sh.add_argument("--dataset", default="hm")
+    sh.add_argument("--out", type=Path, default=ROOT / "data" / "enriched")
+    sh.add_argument("--name", help="file name stem (default <dataset>-enriched)")
     pk = sub.add_parser("pack-tower")
     pk.add_argument("--dataset", default="hm")
     pk.add_argument("--out", type=Path, required=True)
@@ -709,17 +474,20 @@ def main() -> None:
     te.add_argument("--run-dir", type=Path, default=Path("runs"))
     te.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    if args.cmd == "pack-tower":
+    if args.cmd == "export":
+        export(args.dataset, args.out, args.limit, not args.no_gold)
+    elif args.cmd == "carry":
+        from atelier.config import Settings
+
+        carry(Settings().gguf_path(), args.out, args.chunk_mb)
+    elif args.cmd == "collect":
+        collect(args.picks, args.index, args.out, args.ship, args.name)
+    elif args.cmd == "ship":
+        ship_catalogue(None, {}, None, args.out, args.name or f"{args.dataset}-enriched", args.dataset)
+    elif args.cmd == "pack-tower":
         pack_tower(args.dataset, args.out, args.run_dir)
-    elif args.cmd == "tower-eval":
-        tower_eval(args.dataset, args.checkpoints, args.run_dir, args.out)
-    elif args.cmd == "export":
-        export(args.dataset, args.out, args.chat, args.limit)
-    elif args.cmd == "run":
-        run(args.spec, args.gguf_dir, args.gguf_file, args.out, args.batch, args.limit, args.skip, args.time_budget,
-            args.dtype)
     else:
-        collect(args.raw, args.articles, args.out, args.reports, args.name, {"dataset": "hm", **args.extra})
+        tower_eval(args.dataset, args.checkpoints, args.run_dir, args.out)
 
 
 if __name__ == "__main__":

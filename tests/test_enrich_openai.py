@@ -3,7 +3,7 @@
 The stub is a ``ThreadingHTTPServer`` in a thread: it answers ``POST /v1/chat/completions`` with a
 chat completion whose content fills the requested JSON schema (first enum value per field), or
 misbehaves on demand: slow, HTTP 500, a 200 whose body is garbage, content that is not JSON, or
-a 400 for servers without ``json_schema`` support.
+a 400 (or llama-cpp-python's 500) for servers without ``json_schema`` support.
 """
 
 from __future__ import annotations
@@ -97,8 +97,15 @@ def make_handler(stub: Stub) -> type[BaseHTTPRequestHandler]:
                     self._send(200, b"<html>definitely not a completion</html>", "text/html")
                 elif mode == "not_json_content":
                     self._send(200, json.dumps(_completion("Sure! The colour is black.")).encode())
-                elif mode == "no_json_schema" and (body.get("response_format") or {}).get("type") == "json_schema":
+                elif mode in ("no_json_schema", "plain_json_object") and \
+                        (body.get("response_format") or {}).get("type") == "json_schema":
                     self._send(400, b'{"error": {"message": "response_format json_schema is not supported"}}')
+                elif mode == "plain_json_object" and "schema" in (body.get("response_format") or {}):
+                    self._send(400, b'{"error": {"message": "response_format: unknown key schema"}}')
+                elif mode == "llama_server" and (body.get("response_format") or {}).get("type") == "json_schema":
+                    # llama-cpp-python's server: a 500 whose message names the field
+                    self._send(500, b'{"error": {"message": "1 validation error: body.response_format.type: '
+                                    b'Input should be text or json_object"}}')
                 else:
                     self._send(200, json.dumps(_completion(_answer(body))).encode())
             finally:
@@ -194,13 +201,24 @@ def test_non_json_content_is_asked_again_then_recorded(stub_server: tuple[Stub, 
     assert failed.status == "error" and failed.raw == "Sure! The colour is black." and failed.attempts == 3
 
 
-def test_server_without_json_schema_falls_back_to_json_object(stub_server: tuple[Stub, str]) -> None:
+@pytest.mark.parametrize("mode", ["no_json_schema", "llama_server"])
+def test_server_without_json_schema_falls_back_to_json_object_with_schema(stub_server: tuple[Stub, str],
+                                                                          mode: str) -> None:
     stub, url = stub_server
-    stub.default = "no_json_schema"
+    stub.default = mode
     ext = backend(url)
     result = enrich_product(VEST, ext, options=EnrichOptions(fields=("color",), re_fields=()))
     assert result.status == "ok" and result.item is not None and result.item.clothes["color"] == ["black"]
-    assert stub.requests[-1]["response_format"] == {"type": "json_object"}
+    sent = stub.requests[-1]["response_format"]
+    assert sent["type"] == "json_object" and "black" in sent["schema"]["properties"]["color"]["enum"]
+    assert ext.retries == 0  # a format the server lacks is not a transient failure
+
+
+def test_server_without_any_schema_falls_back_to_plain_json_object(stub_server: tuple[Stub, str]) -> None:
+    stub, url = stub_server
+    stub.default = "plain_json_object"
+    result = enrich_product(VEST, backend(url), options=EnrichOptions(fields=("color",), re_fields=()))
+    assert result.status == "ok" and stub.requests[-1]["response_format"] == {"type": "json_object"}
 
 
 def test_bounded_concurrency_against_a_slow_server(stub_server: tuple[Stub, str], tmp_path: Any) -> None:

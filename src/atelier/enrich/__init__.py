@@ -3,8 +3,8 @@
 Public API (what the CLI and the web service call):
 
 - ``get_extractor(name, settings)``: a backend by name (``embedded``, ``embedded-ll``,
-  ``embedded-ll-cal``, ``embedded-ll-lora``, ``minilm``, ``keyword``, ``tfidf-lr``, ``hybrid``, ``openai``,
-  ``shipped``, ``fake``);
+  ``embedded-ll-cal``, ``embedded-ll-lora``, ``minilm``, ``keyword``, ``tfidf-lr``, ``phrases``,
+  ``phrases-minilm``, ``phrases-ll``, ``phrases-ll-lora``, ``hybrid``, ``openai``, ``shipped``, ``fake``);
 - ``enrich_product(raw, extractor, cache=...)``: one product -> ``EnrichmentResult`` (an item, or
   an error record; never raises for a bad answer);
 - ``enrich_products`` / ``enrich_dataset``: batches with bounded concurrency, the cache, outputs.
@@ -14,7 +14,9 @@ Modules: ``base`` (interface + registry), ``prompt`` (versioned prompt + answer 
 baseline), one module per backend, ``fieldwise`` (extractors that pick each field's value:
 keyword, MiniLM nearest label), ``loglik`` (value scoring with the embedded LLM), ``lora`` (the
 same with the committed LoRA adapter), ``supervised`` (TF-IDF + logistic regression trained on the
-LoRA's labelled items) and ``hybrid`` (per-field sources from ``field_sources.toml``).
+LoRA's labelled items), ``phrases`` / ``phrase_llm`` (grounded RE phrases cut from the product text and
+assigned to RE fields), ``hybrid`` (per-field sources from ``field_sources.toml``), ``shipped`` (the
+enrichment file made on a GPU) and ``gpu`` (the batched scorer that makes it).
 """
 
 from atelier.enrich import embedded as _embedded  # noqa: F401  (registers "embedded")
@@ -24,6 +26,8 @@ from atelier.enrich import hybrid as _hybrid  # noqa: F401  (registers "hybrid")
 from atelier.enrich import loglik as _loglik  # noqa: F401  (registers "embedded-ll", "embedded-ll-cal")
 from atelier.enrich import lora as _lora  # noqa: F401  (registers "embedded-ll-lora")
 from atelier.enrich import openai_backend as _openai  # noqa: F401  (registers "openai")
+from atelier.enrich import phrase_llm as _phrase_llm  # noqa: F401  (registers "phrases-ll", "phrases-ll-lora")
+from atelier.enrich import phrases as _phrases  # noqa: F401  (registers "phrases", "phrases-minilm")
 from atelier.enrich import shipped as _shipped  # noqa: F401  (registers "shipped")
 from atelier.enrich import supervised as _supervised  # noqa: F401  (registers "tfidf-lr")
 from atelier.enrich.base import (

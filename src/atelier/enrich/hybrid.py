@@ -5,8 +5,8 @@
 ``fallback`` value for when that backend gives no answer (keyword rules that match nothing). It is
 written from the extraction benchmark's tuning half by ``choose_sources``
 (``benchmarks/bench_extraction.py --write-sources``); the README reports the test half. Fields the
-benchmark does not measure use ``default``; RE phrases come from the ``re`` backend (the generating LLM)
-when they are asked.
+benchmark does not measure use ``default``; RE phrases come from the ``re`` backend when they are asked
+(``phrases``: grounded phrases cut from the product text, issue #19; ``embedded``: free generation).
 
 The embedded LLM fills a field only where one of its variants strictly beat every non-LLM baseline on
 the tuning half, the supervised ones (trained on the LoRA's own labelled items) included; ties go to the
@@ -20,6 +20,7 @@ backend failures are that product's error.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -59,7 +60,8 @@ LLM_METHODS = ("loglik", "loglik_cal", "loglik_lora", "embedded")
 # the bar an LLM method must clear. One becomes a default only if it ships as a backend (tfidf_lr does).
 SUPERVISED = ("tfidf_lr", "minilm_lr")
 # Backends that run the embedded model in-process (need the optional llama-cpp-python).
-LOCAL_LLM = frozenset({"embedded", "embedded-ll", "embedded-ll-cal", "embedded-ll-lora"})
+LOCAL_LLM = frozenset({"embedded", "embedded-ll", "embedded-ll-cal", "embedded-ll-lora", "phrases-ll",
+                       "phrases-ll-lora"})
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,15 @@ class FieldSources:
         """The source of field ``name`` (the default for fields not in the file)."""
         return self.fields.get(name) or FieldSource("default", self.default)
 
-    def digest(self) -> str:
-        """Short hash of the config (part of the hybrid backend's model id, hence of the cache key)."""
+    def digest(self, versions: Mapping[str, str] | None = None) -> str:
+        """Short hash of the config and of ``versions`` (the rules' versions: part of the hybrid backend's model
+        id, hence of the cache key and of the shipped file's key)."""
         data = {n: (s.backend, s.fallback) + ((s.baseline,) if s.baseline else ())
                 for n, s in sorted(self.fields.items())}
-        return hashlib.sha256(json.dumps([data, self.default, self.re]).encode()).hexdigest()[:8]
+        payload: list[Any] = [data, self.default, self.re]
+        if versions:
+            payload.append(dict(sorted(versions.items())))
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:8]
 
 
 def load_sources(path: Path | None = None) -> FieldSources:
@@ -162,7 +168,7 @@ def sources_toml(chosen: Mapping[str, Mapping[str, Any]], note: str, default: st
              f'note = "{note}"', f'default = "{default}"  # fields the benchmark does not measure',
              f're = "{re}"  # backend for RE phrases when they are asked ("none": no RE)', ""]
     for name, row in chosen.items():
-        lines.append(f"[fields.{name}]")
+        lines.append(f'[fields."{name}"]' if "." in name else f"[fields.{name}]")
         lines.append(f'method = "{row["method"]}"  # tuning acc {row["acc"]:.3f}; best baseline '
                      f'{row["baseline"]} {row["baseline_acc"]:.3f}'
                      + (f'; best supervised {row["best_supervised"]} {row["best_supervised_acc"]:.3f}'
@@ -240,12 +246,36 @@ class HybridExtractor(Extractor):
             return METHOD_SOURCES[src.baseline]
         return src.backend
 
+    def versions(self) -> dict[str, str]:
+        """Versions of the rules the sources run in-process: the schema (keyword rules, labels) and, for a
+        grounded-phrase RE backend, the phrase cutting and assignment rules (``phrases.PHRASES_VERSION``).
+        Model-backed sources (TF-IDF, MiniLM, the LLM) are pinned by the committed files the config names."""
+        out = {"schema": str(self.schema.version)}
+        if self.sources.re and self.sources.re.startswith("phrases"):
+            from atelier.enrich.phrases import PHRASES_VERSION
+
+            out["phrases"] = PHRASES_VERSION
+        return out
+
+    @property
+    def config_id(self) -> str:
+        """``hybrid@<digest>``: the id with every configured source up (the shipped file is made under it)."""
+        return f"hybrid@{self.sources.digest(self.versions())}"
+
     @property
     def model_id(self) -> str:
-        """``hybrid@<config digest>[+down:<backends>]`` (the config names the backends; their versions are pinned)."""
+        """``config_id`` plus ``+down:<backends>`` for the LLM sources that cannot run here."""
         self._probe()
         down = sorted(self._down)
-        return f"hybrid@{self.sources.digest()}" + (f"+down:{','.join(down)}" if down else "")
+        return self.config_id + (f"+down:{','.join(down)}" if down else "")
+
+    def with_backends(self, backends: Mapping[str, Extractor]) -> HybridExtractor:
+        """A twin answering through ``backends`` in place of its own sub-backends of those names (batched picks
+        standing in for MiniLM / TF-IDF): same sources, same down-state, same model id."""
+        self._probe()
+        twin = copy.copy(self)
+        twin._backends = {**self._backends, **backends}
+        return twin
 
     def _ask(self, name: str, request: ExtractionRequest, fields: list[str], re_fields: list[str]) -> dict[str, Any]:
         """One sub-backend's answer for ``fields`` (and RE fields) as a dict ({} when it is not JSON)."""

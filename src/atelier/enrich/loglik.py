@@ -198,22 +198,37 @@ class LogLikExtractor(FieldwiseExtractor):
 
     def score(self, text: str, fields: list[str]) -> dict[str, np.ndarray]:
         """Per field, the mean log-probability of each allowed value (candidate order of ``_field``)."""
-        import llama_cpp
+        self.load()
+        asks = [(self._question(name), self._field(name).tokens) for name in fields]
+        return dict(zip(fields, self.score_questions(text, asks), strict=True))
 
+    def score_questions(self, text: str, asks: list[tuple[str, list[list[int]]]]) -> list[np.ndarray]:
+        """Per (question, candidate token lists), the mean log-probability of each candidate as the answer.
+
+        One ``llama_decode`` for the product: the prefix is shared by every candidate of every question,
+        a question's tokens by its candidates (see the module docstring).
+        """
         self.load()
         head, tail = _TURN.split("{product}")
         prefix = self._tok(head + text, bos=True)
-        plans: list[tuple[str, list[int], _Field, list[int]]] = []  # field, question tokens, field, seq ids
+        return self.score_tokens(prefix, [(self._tok(tail.replace("{question}", q)), c) for q, c in asks])
+
+    def score_tokens(self, prefix: list[int], asks: list[tuple[list[int], list[list[int]]]]) -> list[np.ndarray]:
+        """``score_questions`` on token ids: the prefix (BOS included) and each ask's question tokens."""
+        import llama_cpp
+
+        self.load()
+        plans: list[tuple[list[int], list[list[int]], list[int]]] = []  # question tokens, candidates, seq ids
         seq = 0
-        for name in fields:
-            spec = self._field(name)
-            q = self._tok(tail.replace("{question}", self._question(name)))
-            plans.append((name, q, spec, list(range(seq, seq + len(spec.values)))))
-            seq += len(spec.values)
-        if seq > self._max_seq:  # too many candidates for one batch: split the fields
-            half = max(1, len(fields) // 2)
-            return {**self.score(text, fields[:half]), **self.score(text, fields[half:])}
-        n_tokens = len(prefix) + sum(len(q) + sum(len(t) - 1 for t in f.tokens) for _, q, f, _ in plans)
+        for q, cands in asks:
+            plans.append((q, cands, list(range(seq, seq + len(cands)))))
+            seq += len(cands)
+        if seq > self._max_seq and len(asks) > 1:  # too many candidates for one batch: split the questions
+            half = len(asks) // 2
+            return self.score_tokens(prefix, asks[:half]) + self.score_tokens(prefix, asks[half:])
+        if seq > self._max_seq:
+            raise BackendError(f"{seq} candidates for one question: more than {self._max_seq} sequences")
+        n_tokens = len(prefix) + sum(len(q) + sum(len(t) - 1 for t in cands) for q, cands, _ in plans)
         if n_tokens > self.n_ctx:
             raise BackendError(f"product too long to score ({n_tokens} tokens > {self.n_ctx})")
         batch = llama_cpp.llama_batch_init(n_tokens, 0, max(seq, 1))
@@ -233,15 +248,15 @@ class LogLikExtractor(FieldwiseExtractor):
             all_seqs = list(range(seq))
             for p, t in enumerate(prefix):
                 add(t, p, all_seqs, False)
-            # Where each candidate token's log-probability is read: (field, candidate, output row).
-            reads: list[tuple[int, int, int, int]] = []  # (plan, candidate, row, token)
-            for pi, (_, q, spec, seqs) in enumerate(plans):
+            # Where each candidate token's log-probability is read: (question, candidate, output row, token).
+            reads: list[tuple[int, int, int, int]] = []
+            for pi, (q, cands, seqs) in enumerate(plans):
                 pos = len(prefix)
                 for k, t in enumerate(q):
                     add(t, pos + k, seqs, k == len(q) - 1)
                 q_row = len(rows) - 1
                 start = pos + len(q)
-                for ci, cand in enumerate(spec.tokens):
+                for ci, cand in enumerate(cands):
                     prev = q_row
                     for k, t in enumerate(cand):
                         reads.append((pi, ci, prev, t))
@@ -252,20 +267,18 @@ class LogLikExtractor(FieldwiseExtractor):
             llama_cpp.llama_memory_clear(mem, True)
             if llama_cpp.llama_decode(self._ctx, batch) != 0:
                 raise BackendError("llama.cpp: decode failed")
-            logits = np.empty((len(rows), self._n_vocab), dtype=np.float32)  # (outputs, vocab)
-            for r, i in enumerate(rows):
-                ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
-                logits[r] = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
-                                                  shape=(self._n_vocab,))
+            # Output rows are contiguous in llama.cpp's buffer, in batch order: read them in place.
+            ptr = llama_cpp.llama_get_logits(self._ctx)
+            logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                           shape=(len(rows), self._n_vocab))  # (outputs, vocab), a view
+            mx = logits.max(axis=1, keepdims=True)
+            logz = (mx + np.log(np.exp(logits - mx).sum(axis=1, keepdims=True)))[:, 0]  # (outputs,)
+            sums = [np.zeros(len(cands)) for _, cands, _ in plans]
+            for pi, ci, r, t in reads:
+                sums[pi][ci] += logits[r, t] - logz[r]
         finally:
             llama_cpp.llama_batch_free(batch)
-        mx = logits.max(axis=1, keepdims=True)
-        logz = (mx + np.log(np.exp(logits - mx).sum(axis=1, keepdims=True)))[:, 0]  # (outputs,)
-        sums = [np.zeros(len(spec.values)) for _, _, spec, _ in plans]
-        for pi, ci, r, t in reads:
-            sums[pi][ci] += logits[r, t] - logz[r]
-        return {name: sums[pi] / np.array([len(t) for t in spec.tokens])
-                for pi, (name, _, spec, _) in enumerate(plans)}
+        return [sums[pi] / np.array([len(t) for t in cands]) for pi, (_, cands, _) in enumerate(plans)]
 
     def pick(self, title: str, description: str, fields: list[str]) -> dict[str, str]:
         """The best-scoring value per field (minus its content-free score when calibrated)."""

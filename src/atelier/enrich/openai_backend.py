@@ -2,8 +2,10 @@
 
 Requests use ``response_format={"type": "json_schema", ...}`` so servers that support structured
 output (vLLM, llama.cpp server, Ollama) constrain decoding to the schema; a server that rejects
-that (HTTP 400 naming ``response_format``) is asked again with ``json_object`` and then with no
-format, once per process. Transient failures (connection errors, timeouts, 429, 5xx, bodies that
+that (an HTTP error naming ``response_format``: a 400, or the 500 llama-cpp-python's own server
+answers with) is asked again with ``{"type": "json_object", "schema": ...}`` (llama-cpp-python's
+server constrains decoding to that schema), then with plain ``json_object``, then with no format;
+the downgrade is kept for the process. Transient failures (connection errors, timeouts, 429, 5xx, bodies that
 are not a chat completion) are retried with exponential backoff and jitter; other 4xx errors are
 final. The batch runner keeps ``concurrency`` requests in flight.
 """
@@ -22,7 +24,16 @@ if TYPE_CHECKING:
 
 __all__ = ["OpenAIExtractor"]
 
-_FORMATS = ("json_schema", "json_object", "none")
+
+def kind_sent(fmt: dict[str, Any] | None) -> str:
+    """Which of ``_FORMATS`` a ``response_format`` value is."""
+    if fmt is None:
+        return "none"
+    if fmt["type"] == "json_object":
+        return "json_object_schema" if "schema" in fmt else "json_object"
+    return str(fmt["type"])
+
+_FORMATS = ("json_schema", "json_object_schema", "json_object", "none")
 
 
 @register("openai")
@@ -67,6 +78,8 @@ class OpenAIExtractor(Extractor):
         kind = _FORMATS[self._format]
         if kind == "json_schema":
             return {"type": "json_schema", "json_schema": {"name": "item_attributes", "schema": schema, "strict": True}}
+        if kind == "json_object_schema":
+            return {"type": "json_object", "schema": schema}
         if kind == "json_object":
             return {"type": "json_object"}
         return None
@@ -90,14 +103,26 @@ class OpenAIExtractor(Extractor):
                 if content is None:
                     raise BackendError("the server returned a completion without content")
                 return str(content)
-            except openai.BadRequestError as exc:
-                if "response_format" in str(exc) and self._format < len(_FORMATS) - 1:
+            except openai.APIStatusError as exc:
+                if "response_format" in str(exc) and exc.status_code in (400, 422, 500):
+                    with self._lock:  # the server lacks this format: use a simpler one from now on
+                        if _FORMATS[self._format] == kind_sent(fmt) and self._format < len(_FORMATS) - 1:
+                            self._format += 1
+                        downgraded = _FORMATS[self._format] != kind_sent(fmt)
+                    if downgraded:
+                        continue
+                if isinstance(exc, openai.InternalServerError | openai.RateLimitError):
+                    failures += 1
+                    if failures > self.max_retries:
+                        raise BackendError(f"{type(exc).__name__} after {failures} tries: {exc}") from exc
                     with self._lock:
-                        self._format += 1  # the server lacks this format: use a simpler one from now on
+                        self.retries += 1
+                    delay = min(self.max_backoff, self.backoff * 2 ** (failures - 1))
+                    time.sleep(delay * (0.5 + random.random() / 2))
                     continue
-                raise BackendError(f"HTTP 400: {exc}") from exc
-            except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError,
-                    openai.APIResponseValidationError, ValueError, AttributeError, IndexError, TypeError) as exc:
+                raise BackendError(f"HTTP {exc.status_code}: {exc}") from exc
+            except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError, AttributeError,
+                    IndexError, TypeError) as exc:
                 # ValueError/AttributeError/IndexError/TypeError: a 200 whose body is not a chat completion.
                 failures += 1
                 if failures > self.max_retries:
@@ -106,5 +131,3 @@ class OpenAIExtractor(Extractor):
                     self.retries += 1
                 delay = min(self.max_backoff, self.backoff * 2 ** (failures - 1))
                 time.sleep(delay * (0.5 + random.random() / 2))  # jitter: concurrent workers do not retry in step
-            except openai.APIStatusError as exc:
-                raise BackendError(f"HTTP {exc.status_code}: {exc}") from exc
