@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -17,8 +18,16 @@ from atelier.models.item_tower import (
 )
 from atelier.models.losses import info_nce
 from atelier.models.views import ViewConfig, complementary_masks, make_views
+from atelier.recommender import TrainData
 from atelier.schema import ItemJSON, load_schema
-from atelier.train.item import TrainItemConfig, lr_at, train_item_tower
+from atelier.train.item import (
+    BehaviourConfig,
+    TrainItemConfig,
+    behaviour_finetune,
+    behaviour_pairs,
+    lr_at,
+    train_item_tower,
+)
 from atelier.vocab import Vocab, build_vocab
 
 
@@ -138,3 +147,39 @@ def test_checkpoint_round_trip(vocab: Vocab, tmp_path: Path) -> None:
     torch.save({"kind": "something else"}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a checkpoint of the item tower"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def _behaviour_data(tmp_path: Path) -> TrainData:
+    """Eight items in four products (two colourways each); shopper u1 buys i0+i2 one day and i4 the next."""
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(8)], "group_id": [f"g{i // 2}" for i in range(8)]})
+    log = pd.DataFrame({"user_id": ["u1", "u1", "u1", "u2"], "item_id": ["i0", "i2", "i4", "i6"],
+                        "ts": pd.to_datetime(["2024-01-01", "2024-01-01", "2024-01-02", "2024-01-01"])})
+    return TrainData("toy", items, log, pd.DataFrame({"user_id": ["u1", "u2"]}), tmp_path)
+
+
+def test_behaviour_pairs_come_from_the_window_and_the_catalogue(tmp_path: Path) -> None:
+    pairs, kinds = behaviour_pairs(_behaviour_data(tmp_path))
+    got = {tuple(p) for p in pairs.tolist()}
+    assert kinds == {"same_day": 2, "same_shopper": 6, "colourways": 8}
+    assert {(0, 2), (2, 0), (0, 4), (4, 2)} <= got  # bought together, the same day and across days
+    assert {(0, 1), (1, 0), (6, 7)} <= got  # colourways, sold or not
+    assert not any(a == b for a, b in got) and (6, 0) not in got  # u2 bought alone: no pair with u1's items
+
+
+def test_behaviour_tuning_pulls_pairs_together_from_content_alone(vocab: Vocab) -> None:
+    x = _inputs(vocab)
+    model, _ = train_item_tower(x, _config(vocab, dropout=0.0), TrainItemConfig(epochs=2, batch_size=64))
+    pairs = torch.tensor([[i, (i + 5) % 64] for i in range(0, 64, 2)] * 4)  # items of unrelated content
+
+    def partner_rank(vectors: object) -> float:
+        """Mean rank of each pair's partner among the other 63 items, by cosine."""
+        z = torch.as_tensor(vectors)
+        sims = z[pairs[:32, 0]] @ z.T
+        sims[torch.arange(32), pairs[:32, 0]] = -2.0
+        return float((sims > sims[torch.arange(32), pairs[:32, 1]][:, None]).sum(1).float().mean())
+
+    before = partner_rank(encode_items(model, x))
+    tuned, history = behaviour_finetune(model, x, pairs, BehaviourConfig(epochs=8, batch_size=32, max_pairs=128,
+                                                                         lr=3e-3, simcse_weight=0.0))
+    after = partner_rank(encode_items(tuned, x))  # the same content inputs: no item id anywhere in the tower
+    assert after < 3 < before, (before, after, history["epochs"])

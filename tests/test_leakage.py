@@ -23,7 +23,10 @@ from atelier.config import Settings
 from atelier.datasets import build_queries, cart_queries, rules_for, time_split, train_data
 from atelier.ingest import load_tables
 from atelier.recommender import Query
+from atelier.train.ranker import RankerTrainConfig
 
+# The chain's rows and trees on a small budget: the same code, fewer shoppers and steps.
+TINY_RANKER = RankerTrainConfig(label_periods=2, epochs=1, max_queries=300, trees=20)
 CUT = {name: pd.Timestamp(rules_for(name).cut) for name in ("hm", "rtr")}
 
 
@@ -87,6 +90,10 @@ def _copies(root: Path, data_dir: Path) -> tuple[Path, Path]:
     later = pd.to_datetime(rentals2["review_date"]) >= CUT["rtr"]
     rentals2.loc[later, "weight_lbs"] = (pd.to_numeric(rentals2.loc[later, "weight_lbs"]) + 11).astype(str)
     rentals2.loc[later, "body_type"] = "athletic"
+    # items RentTheRunway first rents in the test window: its catalogue is known only through rentals
+    fresh = rentals2[later].head(40).copy()
+    fresh["item_id"] = [f"99999{n:02d}" for n in range(len(fresh))]
+    rentals2 = pd.concat([rentals2, fresh], ignore_index=True)
     _write(rentals2, altered / "rtr" / "rentals.csv.gz")
     return real, altered
 
@@ -98,7 +105,6 @@ def _pipeline(settings: Settings, minilm_cache: Path | None) -> None:
     from atelier.pipeline.ranker import train_ranker_stage
     from atelier.pipeline.user_tower import index_user_stage, train_user_stage
     from atelier.train.item import TrainItemConfig
-    from atelier.train.ranker import RerankTrainConfig
     from atelier.train.user import TrainUserConfig
 
     run_ingest(settings, ["hm", "rtr"])
@@ -112,10 +118,10 @@ def _pipeline(settings: Settings, minilm_cache: Path | None) -> None:
                      n_layers=1, out_dim=16)
     encode_stage(settings, "hm")
     index_stage(settings, "hm")
-    for name, retriever in (("hm", "content"), ("rtr", "occasion")):
+    for name in ("hm", "rtr"):
         train_user_stage(settings, name, TrainUserConfig(epochs=1, batch_size=128, val_max_examples=500))
         index_user_stage(settings, name)
-        train_ranker_stage(settings, name, RerankTrainConfig(epochs=1, max_users=400), retriever=retriever)
+        train_ranker_stage(settings, name, TINY_RANKER)
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +163,10 @@ def test_no_leak_into_predictions(leak_runs: tuple[Settings, Settings], dataset:
 
     queries = _queries(leak_runs[0], dataset)
     assert (any(q.history for q in queries) and any(q.cart for q in queries)) or dataset == "rtr"
-    suites = [model_suite(s, dataset) for s in leak_runs]
+    suites = [model_suite(s, dataset, tcfg=TINY_RANKER) for s in leak_runs]
     names = [r.name for r in suites[0]]
     assert names == [r.name for r in suites[1]]
-    assert {"rules", "atelier"} <= set(names) and any(n.startswith("rerank") for n in names)
+    assert {"rules", "atelier", "lightgbm (lambdarank)", "union"} <= set(names)
     data = []
     for settings in leak_runs:
         items, inter, users = load_tables(settings.paths.dataset(dataset))

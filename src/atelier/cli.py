@@ -287,6 +287,49 @@ def run_train_user(settings: Settings, dataset: str, cfg: object, reindex: bool 
     return path, history, report
 
 
+def run_tune_item(settings: Settings, dataset: str, cfg: object, cut: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Tune the SimCSE tower on behaviour pairs behind a progress bar."""
+    from atelier.pipeline.item_tower import tune_item_stage
+
+    with stage_progress(f"tune item tower on behaviour ({dataset})") as progress:
+        task = progress.add_task("behaviour pairs", total=None)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, total=total, description=f"behaviour loss {loss:.3f}")
+
+        return tune_item_stage(settings, dataset, cfg, cut=cut, progress=on_step)  # type: ignore[arg-type]
+
+
+def tuned(settings: Settings, dataset: str) -> bool:
+    """Whether the dataset's served item tower went through the behaviour stage."""
+    from atelier.models.item_tower import load_checkpoint
+
+    path = settings.paths.item_tower(dataset)
+    return path.is_file() and "behaviour" in load_checkpoint(path)[1].get("stages", [])
+
+
+@train_app.command("behaviour")
+def train_behaviour_cmd(
+    dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
+    epochs: Annotated[int, typer.Option(help="Passes over the sampled pairs")] = 1,
+    max_pairs: Annotated[int, typer.Option(help="Behaviour pairs sampled per pass")] = 60_000,
+    lr: Annotated[float, typer.Option(help="Learning rate of the fine-tune")] = 3e-4,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    cut: CutOpt = None,
+    data_dir: DataDirOpt = None,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Tune the SimCSE item tower so items bought together and colourways sit close (pairs from the evaluation
+    split's training window; inputs stay content only) and serve it; then `atelier encode` and `index`."""
+    from atelier.train.item import BehaviourConfig
+
+    settings = _settings(data_dir, run_dir)
+    cfg = BehaviourConfig(epochs=epochs, max_pairs=max_pairs, lr=lr, device=device)
+    path, history = _run(lambda: run_tune_item(settings, dataset, cfg, cut))
+    console.print(f"pairs: {history['pairs']:,} {history.get('pair_kinds')}; epochs: {history['epochs']}\n"
+                  f"item tower: {path} (run `atelier encode -d {dataset}` and `atelier index -d {dataset}`)")
+
+
 @train_app.command("user")
 def train_user_cmd(
     dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
@@ -316,43 +359,42 @@ def train_user_cmd(
 @train_app.command("ranker")
 def train_ranker_cmd(
     dataset: Annotated[str, typer.Option("--dataset", "-d")] = "hm",
-    retriever: Annotated[str, typer.Option(help="Candidates: content (item-tower kNN), occasion, two-tower")] = (
-        "content"),
-    epochs: Annotated[int, typer.Option(help="Passes over the reranker's rows")] = 3,
-    max_users: Annotated[int, typer.Option(help="Label-window users sampled for training rows")] = 20000,
-    random_init: Annotated[bool, typer.Option(help="Ablation: random embeddings instead of the item tower's")] = False,
-    loss: Annotated[str, typer.Option(help="pointwise (per row) or listwise (softmax per user)")] = "pointwise",
+    epochs: Annotated[int, typer.Option(help="Passes over the rows")] = 3,
+    label_periods: Annotated[int | None, typer.Option(
+        help="Label periods at the end of the window (default: every one that leaves history before it)")] = None,
+    max_queries: Annotated[int, typer.Option(help="Shoppers per label period and kind, sampled beyond that")] = 20000,
+    random_init: Annotated[bool, typer.Option(help="Ablation: random STD/RE embeddings, not the item tower's")] = False,
     seed: int = 0,
     cut: CutOpt = None,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
 ) -> None:
-    """Train the DeepFM reranker on the retriever's candidates (evaluation training window) and save it."""
+    """Train the ranking chain's DeepFM on every label period of the evaluation training window and save it."""
     from atelier.models.ranker import RankerConfig
-    from atelier.train.ranker import RerankTrainConfig
+    from atelier.train.ranker import RankerTrainConfig
 
     settings = _settings(data_dir, run_dir)
-    tcfg = RerankTrainConfig(epochs=epochs, max_users=max_users, seed=seed, loss=loss)
+    tcfg = RankerTrainConfig(epochs=epochs, label_periods=label_periods, max_queries=max_queries, seed=seed)
     cfg = RankerConfig(0, 0, transfer=not random_init, seed=seed)
-    path, history = _run(lambda: run_train_ranker(settings, dataset, tcfg, cfg, retriever, cut))
-    console.print(f"rows: {history['rows']}\nloss: {history['initial_loss']} -> {history['loss']}\nranker: {path}")
+    path, history = _run(lambda: run_train_ranker(settings, dataset, tcfg, cfg, cut))
+    console.print(f"rows: {history['rows']}\nloss: {history.get('loss')}\nfallback for shoppers with nothing known: "
+                  f"{history['fallback']} {history.get('fallback_figures', {})}\nranker: {path}")
 
 
-def run_train_ranker(settings: Settings, dataset: str, tcfg: object, cfg: object, retriever: str,
+def run_train_ranker(settings: Settings, dataset: str, tcfg: object, cfg: object,
                      cut: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """Train and save a dataset's reranker behind a progress display (rows, then epochs)."""
+    """Train and save a dataset's ranker behind a progress display (label periods, then epochs)."""
     from atelier.pipeline.ranker import train_ranker_stage
 
-    with stage_progress(f"train ranker ({dataset}, {retriever} candidates)") as progress:
-        task = progress.add_task("building rows from the retriever's top 100", total=None)
+    with stage_progress(f"train ranker ({dataset})") as progress:
+        task = progress.add_task("candidates and features of each label period", total=None)
 
         def on_message(message: str) -> None:
             progress.update(task, description=message, advance=1 if message.startswith("epoch") else 0)
             if message.startswith("epoch"):
                 progress.update(task, total=getattr(tcfg, "epochs", None))
 
-        return train_ranker_stage(settings, dataset, tcfg, cfg, retriever,  # type: ignore[arg-type]
-                                  progress=on_message, cut=cut)
+        return train_ranker_stage(settings, dataset, tcfg, cfg, progress=on_message, cut=cut)  # type: ignore[arg-type]
 
 
 @app.command("recommend")
@@ -367,8 +409,9 @@ def recommend_cmd(
     body_type: Annotated[str | None, typer.Option(help="Body type, e.g. hourglass, athletic")] = None,
     context: Annotated[str | None, typer.Option(help="Occasion or intent, e.g. 'wedding'")] = None,
     k: Annotated[int, typer.Option("-k", min=1, max=100)] = 12,
-    exclude_history: Annotated[bool, typer.Option(help="Leave out items the shopper already has or holds")] = True,
-    rerank: Annotated[bool, typer.Option(help="Keep the reranker first in the chain (if one is trained)")] = True,
+    exclude_history: Annotated[bool, typer.Option(
+        help="Also leave out what the shopper bought (the cart always is)")] = False,
+    ranked: Annotated[bool, typer.Option(help="Keep the ranking chain first (if a ranker is trained)")] = True,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
 ) -> None:
@@ -389,8 +432,8 @@ def recommend_cmd(
         try:
             if user is not None and user not in service.shop.histories:
                 raise ValueError(f"unknown user {user!r} in {dataset}")
-            if not rerank:
-                service.stages = [s for s in service.stages if s.name != "rerank"]
+            if not ranked:
+                service.stages = [s for s in service.stages if s.name != "ranked"]
             return request, service.recommend(request)
         finally:
             service.close()
@@ -505,13 +548,14 @@ METRIC_COLUMNS = ("map@12", "recall@12", "ndcg@12", "hitrate@12", "recall@100")
 
 def run_evaluate(
     settings: Settings, dataset: str, models: list[str] | None = None, cut: str | None = None,
-    test_file: Path | None = None, max_users: int | None = None, ablations: bool = False,
+    test_file: Path | None = None, max_users: int | None = None, ablations: bool = False, save_ranker: bool = False,
 ) -> tuple[dict[str, object], Path]:
-    """Fit and score the baselines (and any trained models) on one dataset; write the report."""
+    """Fit and score the baselines (and any trained models) on one dataset; write the report (``save_ranker``:
+    the ranker trained for ``atelier`` on this window becomes the served one)."""
     from atelier.evaluate import evaluate, write_report
     from atelier.pipeline.suites import model_suite
 
-    suite = model_suite(settings, dataset, models, ablations=ablations)
+    suite = model_suite(settings, dataset, models, ablations=ablations, save_ranker=save_ranker)
     with stage_progress(f"evaluate {dataset}") as progress:
         task = progress.add_task("", total=len(suite))
 
@@ -688,20 +732,22 @@ def run_cmd(
     force: Annotated[bool, typer.Option(help="Redo cached steps")] = False,
     tower_epochs: Annotated[int, typer.Option(help="SimCSE epochs for the item tower on CPU")] = 2,
     max_users: Annotated[int | None, typer.Option(help="Score a seeded sample of test users")] = None,
+    enrich_budget: Annotated[float, typer.Option(
+        help="Seconds the CPU enricher may spend on products the shipped enrichment file lacks")] = 300.0,
     data_dir: DataDirOpt = None,
     run_dir: RunDirOpt = None,
 ) -> None:
     """The whole pipeline on the shared data (or the catalogue of --source) as far as each dataset's data
     allows, on embedded defaults; ends with the evaluation tables and how to open the web page.
 
-    Per dataset (``atelier.datasets.rules_for``): ingest, vocabulary, its own item tower (train, encode,
-    index) or a borrowed one, and with interactions on two days or more the user tower, the reranker and
+    Per dataset (``atelier.datasets.rules_for``): ingest, vocabulary, enrichment (the shipped file, then the
+    CPU extractors within ``--enrich-budget``), its own item tower (train, encode,
+    index) or a borrowed one, and with interactions on two days or more the behaviour-tuned item tower, the user
+    tower, the ranking chain and
     the evaluation on its default split (the dataset's cut, else the last fifth of its days)."""
     from atelier.datasets import rules_for
-    from atelier.ingest import load_tables
     from atelier.pipeline.item_tower import encode_stage, neighbour_report
-    from atelier.train.item import TrainItemConfig
-    from atelier.train.ranker import RerankTrainConfig
+    from atelier.train.item import BehaviourConfig, TrainItemConfig
     from atelier.train.user import TrainUserConfig
 
     settings = _settings(data_dir, run_dir)
@@ -717,10 +763,15 @@ def run_cmd(
     for name in names:
         if not rules_for(name).own_item_tower:
             continue
+        print_enrich(_run(lambda name=name: run_enrich_stage(settings, name, enrich_budget)))  # type: ignore[misc]
         if force or not settings.paths.item_tower(name).is_file():
             _, history = _run(lambda name=name: run_train_item(  # type: ignore[misc]
                 settings, name, TrainItemConfig(epochs=tower_epochs)))
             console.print(f"item tower {name}: {history['epochs'][-1]}")  # type: ignore[index]
+        if _has_log(settings, name) and (force or not tuned(settings, name)):
+            _, history = _run(lambda name=name: run_tune_item(settings, name, BehaviourConfig()))  # type: ignore[misc]
+            console.print(f"item tower {name} tuned on {history['pairs']:,} behaviour pairs: "
+                          f"{history['epochs'][-1]}")  # type: ignore[index]
         with stage_progress(f"encode {name}") as progress:
             progress.add_task("item vectors", total=None)
             vectors = _run(lambda name=name: encode_stage(settings, name))  # type: ignore[misc]
@@ -728,22 +779,20 @@ def run_cmd(
         print_index(_run(lambda name=name: run_index(settings, name)))  # type: ignore[misc]
     evaluated = []
     for name in names:
-        rules = rules_for(name)
-        log = load_tables(settings.paths.dataset(name))[1]
-        if not rules.train_in_run or log["ts"].dt.normalize().nunique() < 2:
+        if not _has_log(settings, name):
             continue  # a catalogue without a log to learn from: similar items and search only
         _, user_history, user_index = _run(lambda name=name: run_train_user(  # type: ignore[misc]
             settings, name, TrainUserConfig(), reindex=force))
         console.print(f"user tower {name}: best epoch {user_history.get('best_epoch')}, validation recall@100 "
                       f"{user_history.get('best_val_recall@100', float('nan')):.4f}; store {user_index['model_id']}")
-        if force or not settings.paths.ranker(name).is_file():
-            _, ranker_history = _run(lambda name=name, rules=rules: run_train_ranker(  # type: ignore[misc]
-                settings, name, RerankTrainConfig(), None, rules.ranker_retriever))
-            console.print(f"ranker {name}: {ranker_history['rows']['positives']:,} positives in "
-                          f"{ranker_history['rows']['rows']:,} rows, loss {ranker_history['loss'][-1]:.4f}")
         evaluated.append(name)
     for name in evaluated:
-        report, path = _run(lambda name=name: run_evaluate(settings, name, max_users=max_users))  # type: ignore[misc]
+        if force:
+            settings.paths.ranker(name).unlink(missing_ok=True)
+        # the evaluation trains the ranking chain's DeepFM on the default split (or reuses the one saved for this
+        # window) and keeps it as the served ranker: one training, the one the report describes
+        report, path = _run(lambda name=name: run_evaluate(  # type: ignore[misc]
+            settings, name, max_users=max_users, save_ranker=True))
         print_report(report)
         filed = "" if source is not None else f"\nresult file: {file_result(settings, report, 'main-job')}"
         console.print(f"report: {path}{filed}")
@@ -752,6 +801,38 @@ def run_cmd(
         f"[bold]done.[/] Reports and plots are in {settings.paths.reports}. Try `atelier similar ITEM_ID -d {shown}` "
         f"for neighbours from pgvector. The web page: run `atelier serve -d {shown}`, then open http://127.0.0.1:8000"
     )
+
+
+def run_enrich_stage(settings: Settings, dataset: str, budget_s: float) -> dict[str, Any]:
+    """The enrichment stage behind a progress bar (shipped records, cache, then the CPU within the budget)."""
+    from atelier.pipeline.enrich import enrich_stage
+
+    with stage_progress(f"enrich ({dataset})") as progress:
+        task = progress.add_task("products", total=None)
+
+        def on_count(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        return enrich_stage(settings, dataset, budget_s, on_count)
+
+
+def print_enrich(report: dict[str, Any]) -> None:
+    """One line per enrichment: where the values came from and what the budget left out."""
+    counts = report.get("counts", {})
+    line = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+    console.print(f"enrich {report.get('dataset', '')}: {line}; report: {report.get('report')}")
+    if report.get("not_reached"):
+        console.print(f"[yellow]{len(report['not_reached']):,} products not reached in the budget keep their column "
+                      "attributes (listed in the report); a re-run resumes[/]")
+
+
+def _has_log(settings: Settings, dataset: str) -> bool:
+    """Whether `atelier run` trains on the dataset's log: its rules say so and it spans two days or more."""
+    from atelier.datasets import rules_for
+    from atelier.ingest import load_tables
+
+    log = load_tables(settings.paths.dataset(dataset))[1]
+    return rules_for(dataset).train_in_run and log["ts"].dt.normalize().nunique() >= 2
 
 
 def main() -> None:  # pragma: no cover - console entry point

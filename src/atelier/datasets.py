@@ -42,6 +42,10 @@ class DatasetRules:
     raw_re_columns: tuple[str, ...] = ()  # catalogue columns the STD schema lacks, hashed into the ranker's RE field
     ranker_retriever: str = "content"  # the candidates `atelier run` trains the ranker on
     own_item_tower: bool = True  # `atelier run` trains one on this catalogue (else it borrows another dataset's)
+    # The catalogue is known only through the log (RentTheRunway: no product table, only rented items). As of a
+    # cut it holds the items rented before it: an item first rented later did not exist for a model, and
+    # "in the catalogue but never rented" would otherwise mark exactly the items rented in the test window.
+    catalogue_from_log: bool = False
     train_in_run: bool = True  # `atelier run` trains and evaluates its models when it has interactions
 
 
@@ -55,7 +59,7 @@ RULES: dict[str, DatasetRules] = {
     # RentTheRunway: rentals are sparse (90-day windows); renters rarely rent an item twice but say the occasion.
     # Its items are known only by the category renters gave, so it borrows H&M's item tower (shared vocabulary).
     "rtr": DatasetRules(cut="2017-08-01", popularity_days=90.0, label_days=90.0, occasion_rule=True,
-                        ranker_retriever="occasion", own_item_tower=False),
+                        ranker_retriever="occasion", own_item_tower=False, catalogue_from_log=True),
     # Labelled titles for the extraction benchmark; no interactions, nothing to recommend.
     "myntra": DatasetRules(own_item_tower=False, train_in_run=False),
 }
@@ -191,8 +195,11 @@ def users_as_of(users: pd.DataFrame, log: pd.DataFrame) -> pd.DataFrame:
 
 
 def train_data(split: Split, items: pd.DataFrame, users: pd.DataFrame, cache_dir: Path) -> TrainData:
-    """What a recommender may learn from: catalogue, window and users as of the split's cut."""
+    """What a recommender may learn from: catalogue, window and users as of the split's cut (a catalogue known
+    only through its log holds the items of the window)."""
     train = split.train.reset_index(drop=True)
+    if rules_for(split.dataset).catalogue_from_log:
+        items = items[items["item_id"].astype(str).isin(set(train["item_id"].astype(str)))].reset_index(drop=True)
     return TrainData(split.dataset, catalogue_as_of(items, train), train, users_as_of(users, train), cache_dir)
 
 

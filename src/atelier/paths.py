@@ -73,8 +73,12 @@ class RunPaths:
         return self.root / "models"
 
     def item_tower(self, dataset: str) -> Path:
-        """A dataset's item tower checkpoint."""
+        """A dataset's item tower checkpoint (the served one: SimCSE, then tuned on behaviour when it has a log)."""
         return self.models / f"item_tower-{dataset}.pt"
+
+    def item_tower_simcse(self, dataset: str) -> Path:
+        """The tower after its SimCSE stage alone (what the behaviour stage starts from)."""
+        return self.models / f"item_tower-{dataset}-simcse.pt"
 
     def user_tower(self, dataset: str) -> Path:
         """A dataset's user tower checkpoint (the one that is served)."""

@@ -1,6 +1,7 @@
 """The item-tower stages of ``atelier run``: train on a catalogue, encode every item, index, inspect.
 
 ``train_item_stage`` trains and saves a dataset's item tower (SimCSE, ``atelier.train.item``),
+``tune_item_stage`` fine-tunes it on the training window's behaviour pairs (the served tower),
 ``encode_stage`` writes every item's vector with the checkpoint id, ``index_stage`` loads them into
 pgvector and records what the store serves, and ``neighbour_report`` writes a page of neighbours by
 item-tower and by MiniLM vector for a person to judge.
@@ -9,6 +10,7 @@ item-tower and by MiniLM vector for a person to judge.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,14 +20,22 @@ import numpy as np
 from atelier.atomic import atomic_write, write_text
 from atelier.catalogue import dataset_items
 from atelier.config import Settings
-from atelier.datasets import load_current
+from atelier.datasets import load_current, time_split, train_data
 from atelier.ingest import load_tables
 from atelier.models.item_tower import encode_items, load_checkpoint, mask_parts, save_checkpoint
 from atelier.recommend.encoder import CountFn, catalogue_inputs, file_id, tower_config
 from atelier.store import index_vectors
 from atelier.store.pointers import write_pointer
 from atelier.text import encode_texts, item_texts
-from atelier.train.item import ProgressFn, TrainItemConfig, train_item_tower, view_alignment
+from atelier.train.item import (
+    BehaviourConfig,
+    ProgressFn,
+    TrainItemConfig,
+    behaviour_finetune,
+    behaviour_pairs,
+    train_item_tower,
+    view_alignment,
+)
 from atelier.vocab import Vocab
 
 
@@ -42,9 +52,33 @@ def train_item_stage(
     model, history = train_item_tower(inputs, model_cfg, cfg, progress)
     history["view_alignment@2048"] = view_alignment(model, mask_parts(inputs, cfg.use_std, cfg.use_re, cfg.use_text),
                                                     cfg.views)
-    path = settings.paths.item_tower(dataset)
+    path = settings.paths.item_tower_simcse(dataset)
     if int(os.environ.get("RANK", "0")) == 0:
         save_checkpoint(model.cpu(), path, vocab.to_dict(), {"dataset": dataset, "history": history})
+        # served as it is until a behaviour stage tunes it (a catalogue without a log keeps this one)
+        shutil.copyfile(path, settings.paths.item_tower(dataset))
+    return path, history
+
+
+def tune_item_stage(settings: Settings, dataset: str, cfg: BehaviourConfig, *, cut: str | None = None,
+                    progress: ProgressFn | None = None) -> tuple[Path, dict[str, Any]]:
+    """Fine-tune the SimCSE tower on behaviour pairs of the evaluation split's training window (its default
+    cut, or ``cut``: nothing after it) and save it as the dataset's served tower."""
+    source = settings.paths.item_tower_simcse(dataset)
+    if not source.is_file():
+        raise FileNotFoundError(f"no SimCSE tower for {dataset} at {source}; run `atelier train item -d {dataset}`")
+    model, payload = load_checkpoint(source)
+    vocab = Vocab.from_dict(payload["vocab"])
+    items, interactions, users = load_tables(settings.paths.dataset(dataset))
+    data = train_data(time_split(dataset, interactions, cut), items, users, settings.paths.features)
+    pairs, kinds = behaviour_pairs(data, seed=cfg.seed)
+    inputs = catalogue_inputs(items, dataset, vocab, settings.paths.features,
+                              enriched=settings.paths.items(dataset, "enriched"))
+    model, history = behaviour_finetune(model, inputs, pairs, cfg, progress)
+    history.update(pair_kinds=kinds, train_end=str(data.interactions["ts"].max()), simcse=payload.get("history"))
+    path = settings.paths.item_tower(dataset)
+    save_checkpoint(model.cpu(), path, vocab.to_dict(), {"dataset": dataset, "history": history,
+                                                         "stages": ["simcse", "behaviour"]})
     return path, history
 
 

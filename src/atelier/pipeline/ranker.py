@@ -1,4 +1,5 @@
-"""The reranker stage of ``atelier run``: ``atelier train ranker`` on the evaluation training window."""
+"""The ranker stage: ``atelier train ranker``, the ranking chain's DeepFM trained on the evaluation split's
+training window (its default cut, or ``cut``) and saved where the service loads it."""
 
 from __future__ import annotations
 
@@ -6,47 +7,41 @@ from pathlib import Path
 from typing import Any
 
 from atelier.config import Settings
-from atelier.datasets import rules_for, time_split, train_data
+from atelier.datasets import time_split, train_data
 from atelier.ingest import load_tables
 from atelier.models.ranker import RankerConfig
-from atelier.recommend.baselines import SegmentPopularityRecommender
-from atelier.recommend.content import ItemTowerRecommender
-from atelier.recommend.encoder import file_id
+from atelier.recommend.ranking import RankingSpec, VectorsFn, vector_spaces
 from atelier.recommend.user_tower import item_tower_for
-from atelier.recommender import Recommender, RepurchaseFirst
-from atelier.train.ranker import ProgressFn, RerankRecommender, RerankTrainConfig
-from atelier.train.user import TwoTowerRecommender
+from atelier.train.ranker import ChainRecommender, ProgressFn, RankerTrainConfig
 
 
-def make_retriever(settings: Settings, dataset: str, kind: str = "content") -> Recommender:
-    """A fresh retriever for the reranker: ``content`` (item-tower kNN; behind the shopper's own items where
-    shoppers re-buy), ``occasion`` (popularity within the stated occasion, RentTheRunway's strongest
-    baseline) or ``two-tower`` (the trained user tower)."""
-    ckpt = item_tower_for(settings, dataset)
-    rules = rules_for(dataset)
-    if kind == "two-tower":
-        return TwoTowerRecommender(ckpt, window_days=rules.popularity_days,
-                                   vectors_file=settings.paths.vectors(dataset, file_id(ckpt)))
-    if kind == "occasion":
-        return SegmentPopularityRecommender("context", rules.popularity_days)
-    if kind != "content":
-        raise ValueError(f"unknown retriever {kind!r}; choose content, occasion or two-tower")
-    knn = ItemTowerRecommender(ckpt, window_days=rules.popularity_days,
-                               vectors_file=settings.paths.vectors(dataset, file_id(ckpt)))
-    return RepurchaseFirst(knn) if rules.rebuy else knn
+def chain_parts(settings: Settings, dataset: str) -> tuple[RankingSpec, dict[str, VectorsFn], Path]:
+    """A dataset's chain: its default spec over the vector spaces it has, the spaces, its item tower."""
+    vectors = vector_spaces(settings, dataset)
+    return RankingSpec.for_dataset(dataset, list(vectors)), vectors, item_tower_for(settings, dataset)
+
+
+def chain_recommender(settings: Settings, dataset: str, model: str = "deepfm", *, name: str | None = None,
+                      tcfg: RankerTrainConfig | None = None, cfg: RankerConfig | None = None,
+                      progress: ProgressFn | None = None, save: bool = False) -> ChainRecommender:
+    """The chain of a dataset behind the harness interface (``deepfm`` reuses the saved ranker when it was
+    trained on the same window; with ``save`` it saves what it trains as the served ranker)."""
+    spec, vectors, tower = chain_parts(settings, dataset)
+    return ChainRecommender(model, spec, vectors, tower, tcfg=tcfg, cfg=cfg, name=name, progress=progress,
+                            enriched=settings.paths.items(dataset, "enriched"),
+                            saved=settings.paths.ranker(dataset) if model == "deepfm" else None, save=save)
 
 
 def train_ranker_stage(
-    settings: Settings, dataset: str, tcfg: RerankTrainConfig, cfg: RankerConfig | None = None,
-    retriever: str = "content", progress: ProgressFn | None = None, cut: str | None = None,
+    settings: Settings, dataset: str, tcfg: RankerTrainConfig, cfg: RankerConfig | None = None,
+    progress: ProgressFn | None = None, cut: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """``atelier train ranker``: fit the reranker on the training window of the dataset's evaluation split (its
-    default cut, or ``cut``) and save it."""
+    """``atelier train ranker``: train the chain's DeepFM on the training window of the dataset's evaluation
+    split and save it (a ranker saved for this very window and config is kept as it is)."""
     items, interactions, users = load_tables(settings.paths.dataset(dataset))
     data = train_data(time_split(dataset, interactions, cut), items, users, settings.paths.features)
-    rec = RerankRecommender(make_retriever(settings, dataset, retriever), item_tower_for(settings, dataset),
-                            cfg=cfg, train=tcfg, enriched=settings.paths.items(dataset, "enriched"),
-                            progress=progress).fit(data)
+    rec = chain_recommender(settings, dataset, tcfg=tcfg, cfg=cfg, progress=progress).fit(data)
     path = settings.paths.ranker(dataset)
-    rec.save(path, {"retriever": retriever, "dataset": dataset})
+    if "reused" not in rec.history:
+        rec.save(path, {"dataset": dataset})
     return path, rec.history

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import psycopg
@@ -24,18 +24,13 @@ import psycopg
 from atelier.catalogue import dataset_items
 from atelier.recommend.baselines import PopularityRecommender, SegmentPopularityRecommender
 from atelier.recommend.encoder import ItemEncoder
-from atelier.recommend.ranker import field_label
+from atelier.recommend.ranking import RankedChain
 from atelier.recommend.user_tower import UserTowerRecommender
 from atelier.recommender import Query, TrainData
 from atelier.schema import ItemJSON
 from atelier.schema.context import context_attributes
 from atelier.store import SearchFilters, StoreError
 from atelier.text import encode_texts
-
-if TYPE_CHECKING:
-    from atelier.recommend.ranker import Scorer
-
-
 
 
 @dataclass(frozen=True)
@@ -50,20 +45,23 @@ class StageRequest:
     context_attributes: Mapping[str, list[str]] = field(default_factory=dict)
     filters: SearchFilters = field(default_factory=SearchFilters)
     exclude: frozenset[str] = frozenset()
+    user_id: str | None = None  # a known shopper (their purchases in the log); None: anonymous
 
 
 @dataclass(frozen=True)
 class Scored:
-    """One ranked item: its score where the stage has one, and the stage's reason in words."""
+    """One ranked item: its score where the stage has one, the stage's reason in words, and the candidate
+    source that put it forward (ranked stage)."""
 
     item_id: str
     score: float | None
     stage: str
     reason: str
+    source: str | None = None
 
 
 class VectorSearch(Protocol):
-    """What the retrieval stages ask of the store (``VectorStore``; in the harness an ``ExactIndex``)."""
+    """What the retrieval stages ask of the store (``VectorStore``)."""
 
     def search(self, model_id: str, query_vector: Any, k: int = 100, *, filters: Any = None,
                exclude_ids: Sequence[str] = (), dedupe_groups: bool = False) -> list[tuple[str, float]]:
@@ -77,16 +75,18 @@ class VectorSearch(Protocol):
 
 def stage_request(
     k: int, history: Sequence[str] = (), cart: Sequence[str] = (), profile: Mapping[str, Any] | None = None,
-    context: str | None = None, filters: SearchFilters | None = None, exclude_seen: bool = True,
+    context: str | None = None, filters: SearchFilters | None = None, exclude_seen: bool = False,
+    user_id: str | None = None,
 ) -> StageRequest:
     """The chain's request for a shopper: history (oldest first), cart, profile, context and filters; the
-    context's named STD values looked up; history and cart excluded unless ``exclude_seen`` is off."""
+    context's named STD values looked up. The cart is always left out (it is already chosen); the history
+    too with ``exclude_seen`` (off by default: shoppers buy again, and what they bought leads the rules)."""
 
     history, cart = list(dict.fromkeys(history)), list(dict.fromkeys(cart))
     return StageRequest(
         k=k, history=tuple(history), cart=tuple(cart), profile=dict(profile or {}), context=context,
         context_attributes=context_attributes(context) if context else {}, filters=filters or SearchFilters(),
-        exclude=frozenset(history + cart) if exclude_seen else frozenset(),
+        exclude=frozenset(history + cart) if exclude_seen else frozenset(cart), user_id=user_id,
     )
 
 
@@ -400,56 +400,49 @@ class TwoTowerStage:
         return [Scored(item_id, score, self.name, reason) for item_id, score in hits]
 
 
-class RerankStage:
-    """The DeepFM reranker over the candidates of the first retrieval stage that serves (content, then
-    two-tower): it asks that stage for ``candidates`` items and reorders them. Products the ranker's
-    catalogue lacks (posted after it was built) keep their retrieval slot, so cold start is unchanged."""
+# What each source's pick means to the shopper (``{seeds}``: "items in your cart" or "past purchases").
+REASONS = {
+    "own": "you bought it before",
+    "colourways": "another colour of {seeds}",
+    "co-bought": "often bought with {seeds}",
+    "near:item_tower": "goes with the style of {seeds}",
+    "near:text": "like {seeds}",
+    "new:item_tower": "new in: matches {seeds}",
+    "category-popularity": "popular in the categories of {seeds}",
+    "popularity": "among the most bought items right now",
+    "occasion-popularity": "popular for the occasion you named",
+    "profile-popularity": "popular with shoppers of your build",
+    None: "among the most bought items right now",
+}
 
-    name = "rerank"
 
-    def __init__(self, scorer: Scorer, retrievers: Sequence[Stage], candidates: int = 100,
-                 explain: bool = True) -> None:
-        self.scorer = scorer
-        self.retrievers = list(retrievers)
-        self.candidates = candidates
-        self.explain = explain  # off in the harness, which reads only the order
+def reason_for(source: str | None, query: Query) -> str:
+    """One plain sentence for an item a source put forward, true for this shopper (a cart is not a purchase)."""
+    seeds = ("the items in your cart" if query.cart and not query.history else
+             "your past purchases and cart" if query.cart else "your past purchases")
+    return REASONS.get(source, "picked for you").format(seeds=seeds)
+
+
+class RankedStage:
+    """The ranking chain (``atelier.recommend.ranking``): candidates from every source, ordered by the trained
+    ranker; a shopper it knows nothing about gets the fallback its training window chose."""
+
+    name = "ranked"
+
+    def __init__(self, chain: RankedChain, entries: Mapping[str, PopularEntry] | None = None) -> None:
+        self.chain = chain
+        self.entries = entries or {}  # every item's filter fields (metadata filters of the request)
 
     def available(self) -> str | None:
-        """Available while one of its retrievers is."""
-        if any(r.available() is None for r in self.retrievers):
-            return None
-        return "no retrieval stage available"
+        """Always available: every source answers from memory."""
+        return None
 
     def recommend(self, request: StageRequest) -> list[Scored]:
-        """Top ``request.k`` of the first serving retriever's ``candidates``, reordered by the DeepFM."""
-
-        for stage in self.retrievers:
-            if stage.available() is not None:
-                continue
-            try:
-                got = stage.recommend(replace(request, k=max(self.candidates, request.k)))
-            except StageSkip:
-                continue
-            if got:
-                break
-        else:
-            raise StageSkip("no retrieval stage had candidates")
-        query = Query(user_id="request", history=tuple(dict.fromkeys([*request.history, *request.cart])),
+        """The chain's top ``request.k`` for the request as a query (history, cart, profile, context)."""
+        query = Query(user_id=request.user_id or "", history=request.history, cart=request.cart,
                       profile=dict(request.profile), context=request.context)
-        order = self.scorer.reorder(query, [s.item_id for s in got])[: request.k]
-        scored = {i: p for i, p in order if p is not None}
-        why = ({e["item_id"]: e for e in self.scorer.explain(query, list(scored), scores=scored)}
-               if self.explain else {})
-        source = {s.item_id: s for s in got}
-        out = []
-        for item_id, p in order:
-            reason = source[item_id].reason
-            if item_id in why:
-                pairs = ", ".join(f"{field_label(u)} x {field_label(i)}" for u, i, _ in why[item_id]["top_pairs"][:2])
-                reason += f"; reordered by the reranker (p {p:.2f}{', led by ' + pairs if pairs else ''})"
-            out.append(Scored(item_id, p, self.name, reason))
-        return out
-
-
-
-
+        ranked = self.chain.rank([query], request.k, exclude=[request.exclude])[0]
+        if not request.filters.is_empty():  # rank deeper, keep what passes the filters
+            ranked = [r for r in self.chain.rank([query], 10 * request.k, exclude=[request.exclude])[0]
+                      if (e := self.entries.get(r.item_id)) is not None and e.passes(request.filters)][: request.k]
+        return [Scored(r.item_id, r.score, self.name, reason_for(r.source, query), r.source) for r in ranked]

@@ -1,11 +1,11 @@
-"""The DeepFM reranker at inference: features of (shopper, candidate) rows and the scorer.
+"""Scorers of the ranking chain at inference: the served DeepFM, the LightGBM peers, the plain union.
 
-``ItemFeatures`` holds every catalogue item's sparse ids (STD values from the column mapping, RE ids
-from enrichment output and hashed raw columns) and its own price; ``LogStats`` the popularity, recency
-and price of items as of the end of a log; ``Featuriser`` lays a query's rows out as the DeepFM expects;
-``Scorer`` scores, reorders and explains a retriever's candidates. ``load_scorer`` builds the served one
-from the saved checkpoint and today's log. Training (rows, loop, the harness recommender) lives in
-``atelier.train.ranker``.
+``ItemFeatures`` holds every catalogue item's sparse ids (STD values of its item JSON, RE ids from the
+enriched phrases and hashed raw columns); ``Featuriser`` lays a shopper's sparse fields (history and cart
+STD/RE ids, profile and context buckets) out as DeepCTR expects; ``DeepFMScorer`` adds the chain's dense
+features (``prepare_dense``, then ``DenseScale`` from the training rows) and scores candidate rows in one
+batched forward. ``LightGBMScorer`` and ``BestSourceScorer`` are the peers the harness compares it with.
+Training lives in ``atelier.train.ranker``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,9 @@ import pandas as pd
 import torch
 
 from atelier.catalogue import dataset_items
-from atelier.config import Settings
-from atelier.datasets import current_data, rules_for
-from atelier.ingest import load_tables
-from atelier.models.item_tower import CHECKPOINT_FORMAT, CheckpointError, read_payload
-from atelier.models.ranker import ITEM_FIELDS, USER_BUCKETS, RankerConfig, fm_terms, load_ranker
-from atelier.recommend.user_tower import item_tower_for
-from atelier.recommender import Query, TrainData
+from atelier.datasets import rules_for
+from atelier.models.ranker import ITEM_FIELDS, RankerConfig
+from atelier.recommender import Query
 from atelier.schema import normalise_text
 from atelier.vocab import Vocab
 
@@ -111,49 +107,6 @@ class ItemFeatures:
         return cls(items["item_id"].astype(str).to_numpy(dtype=object), fields, std, re_ids, prices, labels)
 
 
-@dataclass
-class LogStats:
-    """Item popularity, recency and price as of the end of an interaction log (what a server would know)."""
-
-    pop: np.ndarray  # (n,) log1p(count in the window) / log1p(max count)
-    recency: np.ndarray  # (n,) exp(-days since the item's last interaction / window), 0 if never
-    pop_recent: np.ndarray  # (n,) as ``pop`` over the last third of the window: the trend
-    price: np.ndarray  # (n,) standardised log price (the catalogue's, else the log's median), 0 when unknown
-
-    @classmethod
-    def build(cls, log: pd.DataFrame, cat: ItemFeatures, window_days: float) -> LogStats:
-        """Counts over the last ``window_days`` of ``log``; recency over all of it; prices as of its end."""
-        n = len(cat.item_ids)
-        pop, rec = np.zeros(n, np.float32), np.zeros(n, np.float32)
-        price = _standardised_log_price(cat, log)
-        if log.empty:
-            return cls(pop, rec, pop.copy(), price)
-        end = log["ts"].max()
-        idx = log["item_id"].astype(str).map(cat.index)
-        ok = idx.notna().to_numpy()
-        rows, ts = idx[ok].astype(int).to_numpy(), log["ts"][ok]
-
-        def scaled_counts(days: float) -> np.ndarray:
-            recent = (ts > end - pd.Timedelta(days=days)).to_numpy()
-            counts = np.bincount(rows[recent], minlength=n).astype(np.float32)
-            return (np.log1p(counts) / max(float(np.log1p(counts.max())), 1e-6)).astype(np.float32)
-
-        last = pd.Series(ts.to_numpy()).groupby(rows).max()
-        days = ((end - last).dt.total_seconds() / 86400).to_numpy()
-        rec[last.index.to_numpy()] = np.exp(-days / window_days)
-        return cls(scaled_counts(window_days), rec, scaled_counts(window_days / 3), price)
-
-
-def _standardised_log_price(cat: ItemFeatures, log: pd.DataFrame) -> np.ndarray:
-    """The catalogue's own price, else the median price ``log`` sold the item at; z-scored log, 0 if unknown."""
-    prices = cat.own_price.copy()
-    if "price" in log.columns and not log.empty:
-        median = log.groupby(log["item_id"].astype(str))["price"].median()
-        sold = pd.Series(cat.item_ids).map(median).to_numpy(float)
-        prices = np.where(np.isnan(prices), sold, prices)
-    logp = np.log(np.where(prices > 0, prices, np.nan))
-    mu, sd = (np.nanmean(logp), np.nanstd(logp) + 1e-6) if np.isfinite(logp).any() else (0.0, 1.0)
-    return np.nan_to_num((logp - mu) / sd, nan=0.0).astype(np.float32)
 
 
 @dataclass
@@ -162,6 +115,13 @@ class ProfileScale:
 
     mean: dict[str, float]
     sd: dict[str, float]
+
+    @classmethod
+    def fixed(cls) -> ProfileScale:
+        """Physical scales that depend on no data (cm, kg, years around a typical adult): the same at
+        training and serving, whatever the users table holds."""
+        return cls({"height_cm": 165.0, "weight_kg": 65.0, "age": 35.0},
+                   {"height_cm": 10.0, "weight_kg": 15.0, "age": 12.0})
 
     @classmethod
     def build(cls, users: pd.DataFrame) -> ProfileScale:
@@ -212,33 +172,6 @@ class Featuriser:
             "age": np.array([self.profiles.z("age", p.get("age"))]),
         }
 
-    def rows(self, q: Query, items: Sequence[str], scores: np.ndarray, stats: LogStats) -> np.ndarray:
-        """(len(items), width) float32 inputs; ``scores`` is the retrieval score of each item (0 = not retrieved)."""
-        idx = np.array([self.cat.index[i] for i in items], dtype=np.int64)
-        x = np.zeros((len(idx), self.width), dtype=np.float32)
-        for name, value in self.user_part(q).items():
-            a, b = self.layout[name]
-            x[:, a:b] = value[None, :]
-        for j, name in enumerate(ITEM_FIELDS):
-            a, _ = self.layout[f"item_{name}"]
-            x[:, a] = self.cat.fields[idx, j]
-        for name, table in (("item_std", self.cat.std), ("item_re", self.cat.re)):
-            a, b = self.layout[name]
-            x[:, a:b] = table[idx]
-        history = set(q.history)
-        dense = {"retrieval_score": scores, "in_history": np.array([i in history for i in items], np.float32),
-                 "item_pop": stats.pop[idx], "item_pop_recent": stats.pop_recent[idx],
-                 "item_recency": stats.recency[idx], "price": stats.price[idx]}
-        for name, value in dense.items():
-            if name in self.layout:
-                x[:, self.layout[name][0]] = value
-        return x
-
-
-def rank_scores(n: int) -> np.ndarray:
-    """The retrieval-score input of a ranked list of ``n``: 1 for the first, falling linearly to 1/n."""
-    return (1.0 - np.arange(n) / max(n, 1)).astype(np.float32)
-
 
 @torch.inference_mode()
 def predict(model: Any, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
@@ -248,107 +181,158 @@ def predict(model: Any, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+
+
+# --------------------------------------------------------------------------- scorers of the ranking chain
+
+# Dense inputs the DeepFM reads besides the chain's features: the shopper's stated body, z-scored.
+PROFILE_DENSE = ("height", "weight", "age")
+# Features that count days back to an event: recency exp(-days / a week) makes "never" the natural 0.
+_DAYS = ("days_since_first", "days_since_last", "bought_days", "days_since_last_buy")
+
+
+def prepare_dense(names: Sequence[str], x: np.ndarray) -> np.ndarray:
+    """The chain's features as a network reads them: ranks as 1 / (1 + rank), days as exp(-days / 7), every
+    missing value 0 (absent from a source, never sold, never bought)."""
+    out = np.array(x, dtype=np.float32, copy=True)
+    for j, name in enumerate(names):
+        col = out[:, j]
+        if name.startswith("rank:"):
+            col = 1.0 / (1.0 + col)
+        elif name in _DAYS:
+            col = np.exp(-col / 7.0)
+        out[:, j] = np.nan_to_num(col, nan=0.0, posinf=0.0, neginf=0.0)
+    return out
+
+
 @dataclass
-class Scorer:
-    """A fitted DeepFM with what it needs to score any retriever's candidates for a shopper: the featuriser
-    over the catalogue and popularity/recency as of the end of the log."""
+class DenseScale:
+    """Per-column mean and sd of the prepared dense inputs, from the training rows (saved with the model)."""
+
+    mean: np.ndarray
+    sd: np.ndarray
+
+    @classmethod
+    def fit(cls, prepared: np.ndarray) -> DenseScale:
+        """Statistics of training rows."""
+        return cls(prepared.mean(axis=0).astype(np.float32), (prepared.std(axis=0) + 1e-6).astype(np.float32))
+
+    def __call__(self, prepared: np.ndarray) -> np.ndarray:
+        """Standardised columns, clipped to +-8 sd (a new extreme should not swamp the network)."""
+        return np.clip((prepared - self.mean) / self.sd, -8.0, 8.0).astype(np.float32)
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """Plain lists for a checkpoint."""
+        return {"mean": self.mean.tolist(), "sd": self.sd.tolist()}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Sequence[float]]) -> DenseScale:
+        """The statistics a checkpoint saved."""
+        return cls(np.asarray(raw["mean"], np.float32), np.asarray(raw["sd"], np.float32))
+
+
+def deepfm_featuriser(items: pd.DataFrame, dataset: str, cfg: RankerConfig, model: Any, vocab: Vocab,
+                      enriched: Path | None) -> Featuriser:
+    """The DeepFM's sparse inputs of a catalogue (STD/RE ids of every item: no log, so no cut to respect) and
+    data-free profile scales, so training and serving read the same numbers."""
+    return Featuriser(cfg, ItemFeatures.build(items, dataset, vocab, cfg, enriched), ProfileScale.fixed(),
+                      model.feature_index)
+
+
+def deepfm_inputs(feat: Featuriser, names: Sequence[str], queries: Sequence[Query], cands: Any,
+                  dense: np.ndarray) -> np.ndarray:
+    """(len(cands), width) DeepCTR inputs: the item's sparse ids, the shopper's (history and cart STD/RE ids,
+    profile and context buckets), and the standardised dense columns ``names`` (chain features, then the
+    profile numbers)."""
+    x = np.zeros((len(cands), feat.width), dtype=np.float32)
+    idx = cands.item
+    for j, name in enumerate(ITEM_FIELDS):
+        x[:, feat.layout[f"item_{name}"][0]] = feat.cat.fields[idx, j]
+    for name, table in (("item_std", feat.cat.std), ("item_re", feat.cat.re)):
+        a, b = feat.layout[name]
+        x[:, a:b] = table[idx]
+    parts = [feat.user_part(q) for q in queries]
+    for name in parts[0] if parts else ():
+        if name not in feat.layout:
+            continue
+        a, b = feat.layout[name]
+        per_query = np.stack([p[name] for p in parts]).astype(np.float32)  # (n_queries, b - a)
+        x[:, a:b] = per_query[cands.query]
+    for j, name in enumerate(names):
+        x[:, feat.layout[name][0]] = dense[:, j]
+    return x
+
+
+@dataclass
+class DeepFMScorer:
+    """The served ranker: a DeepFM over the chain's features plus the item's and shopper's sparse fields."""
 
     model: Any
     feat: Featuriser
-    stats: LogStats
-    vocab: Vocab
+    names: list[str]  # the chain's dense features, in the pipeline's order
+    scale: DenseScale
+    name: str = "deepfm"
 
-    def score(self, query: Query, candidates: Sequence[str]) -> np.ndarray:
-        """Ranker probabilities of one query's retrieved candidates (in retrieval order; all in the catalogue)."""
-        x = self.feat.rows(query, candidates, rank_scores(len(candidates)), self.stats)
-        return predict(self.model, x)
+    def inputs(self, queries: Sequence[Query], cands: Any, x: np.ndarray) -> np.ndarray:
+        """The DeepCTR input rows of candidates with their chain features ``x``."""
+        profile = np.array([[self.feat.profiles.z(c, q.profile.get(c)) for c in ("height_cm", "weight_kg", "age")]
+                            for q in queries], np.float32).reshape(len(queries), 3)
+        dense = np.concatenate([self.scale(prepare_dense(self.names, x)), profile[cands.query]], axis=1)
+        return deepfm_inputs(self.feat, [*self.names, *PROFILE_DENSE], queries, cands, dense)
 
-    def reorder(self, query: Query, candidates: Sequence[str]) -> list[tuple[str, float | None]]:
-        """The candidates best first with their probability. Items the ranker's catalogue lacks (products
-        posted after it was built) keep their retrieval slot with no score: it knows nothing of them, and
-        pushing them down would bury every new product."""
-        known = [c for c in candidates if c in self.feat.cat.index]
-        if not known:
-            return [(c, None) for c in candidates]
-        p = self.score(query, known)
-        best = iter([(known[i], float(p[i])) for i in np.argsort(-p, kind="stable")])
-        return [next(best) if c in self.feat.cat.index else (c, None) for c in candidates]
-
-    def explain(self, query: Query, items: Sequence[str], top: int = 3,
-                scores: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
-        """Per item: score, its attributes matching the shopper's history/profile/context, and the fields
-        and user x item field pairs with the largest FM second-order terms. ``scores`` are the items'
-        probabilities when the caller has them (from ``reorder``): a DeepFM forward fewer."""
-        items = [i for i in items if i in self.feat.cat.index]
-        if not items:
-            return []
-        x = self.feat.rows(query, items, rank_scores(len(items)), self.stats)
-        p = np.array([scores[i] for i in items]) if scores is not None else predict(self.model, x)
-        with torch.inference_mode():
-            terms, names = fm_terms(self.model, torch.from_numpy(x))  # (n, F, F)
-        user_fields = {"hist_std", "hist_re", *USER_BUCKETS}
-        is_user = torch.tensor([n in user_fields for n in names])
-        # A field whose input is missing (id 0: no weight given, empty history) still has a learned row,
-        # but "your missing weight" explains nothing: such fields are left out of the explanation.
-        here = torch.from_numpy(np.stack([x[:, slice(*self.feat.layout[n])].any(axis=1) for n in names], axis=1))
-        t = terms * (here[:, :, None] & here[:, None, :])
-        t.diagonal(dim1=1, dim2=2).zero_()
-        share = (0.5 * t.sum(2)).masked_fill(~here, float("-inf"))  # (n, F) each field's half of its pairs
-        pair_mask = here[:, :, None] & here[:, None, :] & is_user[None, :, None] & ~is_user[None, None, :]
-        pairs = t.masked_fill(~pair_mask, float("-inf")).flatten(1)  # (n, F*F) user x item terms only
-        k_pairs = min(top, pairs.shape[1])
-        pair_vals, pair_idx = pairs.topk(k_pairs, dim=1)
-        field_vals, field_idx = share.topk(min(top, len(names)), dim=1)
-        hist_values = {self.vocab.std_token(int(i)) for i in self.feat.user_part(query)["hist_std"] if i}
-        history, profile = set(query.history), sorted(k for k, v in query.profile.items() if v is not None)
-        out = []
-        for row, item in enumerate(items):
-            label = self.feat.cat.labels[self.feat.cat.index[item]]
-            matches = {"history": sorted(f"{f}={v}" for f, v in label.items() if (f, v) in hist_values),
-                       "repurchase": item in history, "profile": profile, "context": query.context}
-            fields = [(names[j], round(float(v), 4)) for j, v in zip(field_idx[row].tolist(),
-                                                                     field_vals[row].tolist(), strict=True)
-                      if v != float("-inf")]
-            top_pairs = [(names[j // len(names)], names[j % len(names)], round(float(v), 4))
-                         for j, v in zip(pair_idx[row].tolist(), pair_vals[row].tolist(), strict=True)
-                         if v != float("-inf")]
-            out.append({"item_id": item, "score": round(float(p[row]), 5), "matches": matches,
-                        "top_fields": fields, "top_pairs": top_pairs})
-        return out
+    def predict(self, queries: Sequence[Query], cands: Any, x: np.ndarray) -> np.ndarray:
+        """Probability of a purchase for every candidate row."""
+        return predict(self.model, self.inputs(queries, cands, x))
 
 
-def field_label(field_name: str) -> str:
-    """A ranker field as a shopper reads it: ``hist_std`` -> "your items", ``item_color`` -> "its color"."""
-    names = {"hist_std": "your items", "hist_re": "your items' details", "item_std": "its other attributes",
-             "item_re": "its details", "context": "your occasion", "body_type": "your body type",
-             "hist_len_b": "how much you have bought"}
-    if field_name in names:
-        return names[field_name]
-    if field_name.startswith("item_"):
-        return "its " + field_name.removeprefix("item_").replace("_", " ")
-    return "your " + field_name.removesuffix("_b")
+@dataclass
+class LightGBMScorer:
+    """A LightGBM peer over the chain's features and the item's attribute values (categorical, coded by the
+    values seen in training, so the codes mean the same in every window's catalogue)."""
+
+    booster: Any
+    categories: dict[str, list[str]]  # attribute -> the values seen in training; code = position
+    item_codes: dict[str, np.ndarray] = field(default_factory=dict)  # attribute -> (n_items,) of the bound catalogue
+    name: str = "lightgbm"
+
+    def bind(self, values: Mapping[str, np.ndarray]) -> LightGBMScorer:
+        """The scorer for a catalogue whose items have these attribute values (a pipeline's ``values``)."""
+        return replace(self, item_codes=category_codes(values, self.categories))
+
+    def predict(self, queries: Sequence[Query], cands: Any, x: np.ndarray) -> np.ndarray:
+        """The booster's score of every candidate row (higher is better)."""
+        assert self.item_codes or not self.categories, "bind() the scorer to the serving catalogue first"
+        return np.asarray(self.booster.predict(with_codes(x, self.item_codes, cands.item)), dtype=np.float64)
 
 
-def load_scorer(settings: Settings, dataset: str, data: TrainData | None = None) -> tuple[Scorer, dict[str, Any]]:
-    """A dataset's saved reranker ready to reorder served candidates, with its checkpoint's payload.
-
-    Features are built over the whole log (popularity and recency as a server knows them today) and the
-    catalogue the item tower's vocabulary reads; ``data`` is that log when the caller has it loaded.
-    CheckpointError (a ValueError) says what to run when the ranker is missing or does not match."""
-
-    path = settings.paths.ranker(dataset)
-    model, cfg, payload = load_ranker(path)
-    vocab = Vocab.from_dict(read_payload(item_tower_for(settings, dataset), "item_tower", CHECKPOINT_FORMAT)["vocab"])
-    if (vocab.std_size, vocab.re_size) != (cfg.std_size, cfg.re_size):
-        raise CheckpointError(f"{path}: trained with another item tower's vocabulary; run `atelier train ranker "
-                              f"-d {dataset}` again")
-    if data is None:
-        data = current_data(dataset, *load_tables(settings.paths.dataset(dataset)), settings.paths.features)
-    cat = ItemFeatures.build(data.items, dataset, vocab, cfg, settings.paths.items(dataset, "enriched"))
-    feat = Featuriser(cfg, cat, ProfileScale.build(data.users), model.feature_index)
-    stats = LogStats.build(data.interactions, cat, rules_for(dataset).popularity_days)
-    return Scorer(model, feat, stats, vocab), payload
+def category_codes(values: Mapping[str, np.ndarray], categories: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
+    """Each item's position among an attribute's known values (-1 unknown or unseen)."""
+    out = {}
+    for name, cats in categories.items():
+        v = pd.Series(values[name], dtype=object)
+        out[name] = pd.Index(list(cats), dtype=object).get_indexer(v.where(v.notna(), "\0")).astype(np.int64)
+    return out
 
 
+def with_codes(x: np.ndarray, codes: Mapping[str, np.ndarray], items: np.ndarray) -> np.ndarray:
+    """The dense features with each attribute's code of the candidate item appended (NaN when unknown)."""
+    extra = [np.where(c[items] >= 0, c[items], np.nan).astype(np.float32) for c in codes.values()]
+    return np.concatenate([x, np.stack(extra, axis=1)], axis=1) if extra else x
 
 
+@dataclass
+class BestSourceScorer:
+    """No learning: a candidate's place in the first source (in ``priority`` order) that proposed it, then
+    its rank there: the union ordered by the best single sources."""
+
+    priority: list[int]  # source columns, best first
+    name: str = "union"
+
+    def predict(self, queries: Sequence[Query], cands: Any, x: np.ndarray) -> np.ndarray:
+        """Higher for an earlier source, then a better rank in it."""
+        ranks = cands.rank[:, self.priority]  # (n, S) in priority order
+        present = ~np.isnan(ranks)
+        first = np.where(present.any(axis=1), present.argmax(axis=1), len(self.priority))
+        rank = np.take_along_axis(np.nan_to_num(ranks, nan=1e6), first.clip(max=len(self.priority) - 1)[:, None],
+                                  axis=1)[:, 0]
+        return -(first.astype(np.float64) * 1e7 + rank)

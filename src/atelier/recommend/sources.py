@@ -13,7 +13,7 @@ All counts come from the ``TrainData`` a source is fitted on, i.e. the training 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
@@ -186,6 +186,202 @@ class Popular(CandidateSource):
         log = self.ready
         top = [(item, float(log.pop[log.index[item]])) for item in log.popular[:k]]
         return [list(top) for _ in queries]
+
+
+def item_categories(data: TrainData) -> np.ndarray:
+    """(n,) int code of each catalogue item's STD category (its first value; -1 when it has none), built once
+    per ``TrainData`` from the item JSON (column values, and enriched ones where the run has them)."""
+    key = "item_categories"
+    if key not in data.memo:
+        from atelier.catalogue import dataset_items
+
+        jsons = dataset_items(data.items, data.dataset)
+        names = [(item.clothes.get("category") or [""])[0] for item in jsons]
+        codes, _ = pd.factorize(pd.Series(names).replace("", np.nan))
+        data.memo[key] = codes.astype(np.int64)
+    found: np.ndarray = data.memo[key]
+    return found
+
+
+class CategoryPopular(CandidateSource):
+    """The window's most bought items within the categories of the shopper's items and cart (the three
+    categories they hold most), interleaved by popularity."""
+
+    name = "category-popularity"
+
+    def __init__(self, window_days: float | None = 3.0, per_category: int = 200) -> None:
+        super().__init__(window_days)
+        self.per_category = per_category
+        self.by_category: dict[int, np.ndarray] = {}
+        self.category = np.zeros(0, np.int64)
+
+    def fit(self, data: TrainData) -> Self:
+        """Each category's items by the window's popularity (sold items only)."""
+        super().fit(data)
+        log = self.ready
+        self.category = item_categories(data)
+        sold = np.flatnonzero(log.pop > 0)
+        order = sold[np.argsort(-log.pop[sold], kind="stable")]
+        self.by_category = {int(c): order[self.category[order] == c][: self.per_category]
+                            for c in np.unique(self.category[order]) if c >= 0}
+        return self
+
+    def candidates(self, queries: Sequence[Query], k: int) -> list[Candidates]:
+        """Popular items of the seeds' three most held categories, best first (seeds left out)."""
+        log = self.ready
+        out: list[Candidates] = []
+        for q in queries:
+            seeds = [log.index[i] for i in q.seeds if i in log.index]
+            cats = pd.Series(self.category[seeds]).value_counts().index[:3] if seeds else []
+            pool = [self.by_category.get(int(c), np.zeros(0, np.int64)) for c in cats if c >= 0]
+            rows = np.concatenate(pool) if pool else np.zeros(0, np.int64)
+            rows = rows[~np.isin(rows, seeds)]
+            rows = rows[np.argsort(-log.pop[rows], kind="stable")][:k]
+            out.append(list(zip(log.item_ids[rows].tolist(), log.pop[rows].tolist(), strict=True)))
+        return out
+
+
+class VectorNeighbours(CandidateSource):
+    """Nearest catalogue items to the shopper's items and cart in a vector space (item tower, MiniLM text):
+    the unit mean of their vectors, each cart item counting ``cart_weight`` times, scored by cosine over
+    the whole catalogue (exact), the seeds themselves left out. Unsold items are reachable: this is where
+    content finds new products."""
+
+    def __init__(self, name: str, vectors: Callable[[TrainData], np.ndarray], window_days: float | None = 3.0,
+                 cart_weight: float = 2.0, batch: int = 512) -> None:
+        super().__init__(window_days)
+        self.name = name  # type: ignore[misc]
+        self.vectors_of, self.cart_weight, self.batch = vectors, cart_weight, batch
+        self.vectors = np.zeros((0, 0), np.float32)
+
+    def fit(self, data: TrainData) -> Self:
+        """The catalogue's vectors (unit length, in catalogue order)."""
+        super().fit(data)
+        v = np.asarray(self.vectors_of(data), dtype=np.float32)
+        assert len(v) == len(data.items), f"{self.name}: {len(v)} vectors for {len(data.items)} items"
+        self.vectors = v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
+        return self
+
+    def query_vectors(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[list[int]]]:
+        """(n, dim) unit query vectors (zero where a query has no known seed) and each query's seed rows."""
+        log = self.ready
+        out = np.zeros((len(queries), self.vectors.shape[1]), np.float32)
+        seeds_of: list[list[int]] = []
+        for qi, q in enumerate(queries):
+            seeds = [log.index[i] for i in q.seeds if i in log.index]
+            seeds_of.append(seeds)
+            if seeds:
+                cart = set(q.cart)
+                w = np.array([self.cart_weight if log.item_ids[s] in cart else 1.0 for s in seeds], np.float32)
+                mean = (self.vectors[seeds] * w[:, None]).sum(0)
+                out[qi] = mean / (np.linalg.norm(mean) + 1e-12)
+        return out, seeds_of
+
+    def candidates(self, queries: Sequence[Query], k: int) -> list[Candidates]:
+        """Top-k by cosine to the query vector; nothing for a query without known items."""
+        log = self.ready
+        qv, seeds_of = self.query_vectors(queries)
+        out: list[Candidates] = [[] for _ in queries]
+        todo = [qi for qi, s in enumerate(seeds_of) if s]
+        k = min(k, len(self.vectors) - 1)
+        for start in range(0, len(todo), self.batch):
+            batch = todo[start : start + self.batch]
+            scores = qv[batch] @ self.vectors.T  # (batch, n_items)
+            for j, qi in enumerate(batch):
+                scores[j, seeds_of[qi]] = -np.inf
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            best = np.take_along_axis(scores, top, axis=1)
+            order = np.argsort(-best, axis=1, kind="stable")
+            top, best = np.take_along_axis(top, order, axis=1), np.take_along_axis(best, order, axis=1)
+            for j, qi in enumerate(batch):
+                out[qi] = list(zip(log.item_ids[top[j]].tolist(), best[j].tolist(), strict=True))
+        return out
+
+
+class NewArrivals(VectorNeighbours):
+    """Items never sold, or first sold in the last ``fresh_days``, near the shopper's items and cart in a vector
+    space, weighted by how likely a fresh item of their category is to sell: among the category's items still
+    unsold ``fresh_days`` before the window's end, the share first sold since then (learned from the log, no
+    hand weight). Score = (1 + cosine) / 2 x that share: the chance a similar fresh item is the one that sells."""
+
+    def __init__(self, name: str, vectors: Callable[[TrainData], np.ndarray], window_days: float | None = 3.0,
+                 fresh_days: float = 3.0, cart_weight: float = 2.0, batch: int = 512) -> None:
+        super().__init__(name, vectors, window_days, cart_weight, batch)
+        self.fresh_days = fresh_days
+        self.pool = np.zeros(0, np.int64)  # the fresh items' catalogue rows
+        self.prior = np.zeros(0, np.float32)  # (n,) the share of each item's category that sold when fresh
+
+    def fit(self, data: TrainData) -> Self:
+        """The fresh pool and the per-category sell-through of fresh items, as of the window's end."""
+        super().fit(data)
+        log = self.ready
+        n = len(log.item_ids)
+        rows = data.interactions["item_id"].astype(str).map(log.index)
+        ok = rows.notna().to_numpy()
+        ts = data.interactions["ts"][ok]
+        rows = rows[ok].astype(np.int64).to_numpy()
+        first = np.full(n, np.datetime64("NaT"), dtype="datetime64[ns]")
+        if len(rows):
+            earliest = pd.Series(ts.to_numpy()).groupby(rows).min()
+            first[earliest.index.to_numpy()] = earliest.to_numpy()
+        since = (ts.max() if len(ts) else pd.Timestamp(0)) - pd.Timedelta(days=self.fresh_days)
+        never = np.isnat(first)
+        fresh = never | (first > np.datetime64(since))  # unsold before `since`: the fresh items of the window
+        new = fresh & ~never  # ... and those of them that sold since
+        category = item_categories(data)
+        codes = np.where(category >= 0, category, category.max() + 1 if len(category) else 0)
+        sold = np.bincount(codes[new], minlength=codes.max() + 1 if len(codes) else 1).astype(np.float32)
+        held = np.bincount(codes[fresh], minlength=codes.max() + 1 if len(codes) else 1).astype(np.float32)
+        share = (sold + 1.0) / (held + 100.0)  # a little smoothing: a category with no fresh sale is not 0
+        self.prior = share[codes].astype(np.float32)
+        self.pool = np.flatnonzero(fresh | (log.pop <= 0))
+        return self
+
+    def candidates(self, queries: Sequence[Query], k: int) -> list[Candidates]:
+        """Top-k fresh items by (1 + cosine) / 2 x their category's fresh sell-through."""
+        log = self.ready
+        qv, seeds_of = self.query_vectors(queries)
+        out: list[Candidates] = [[] for _ in queries]
+        todo = [qi for qi, s in enumerate(seeds_of) if s]
+        pool = self.pool
+        if not len(pool):
+            return out
+        k = min(k, len(pool))
+        v, prior = self.vectors[pool], self.prior[pool]
+        for start in range(0, len(todo), self.batch):
+            batch = todo[start : start + self.batch]
+            scores = (1.0 + qv[batch] @ v.T) / 2.0 * prior[None, :]  # (batch, pool)
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            best = np.take_along_axis(scores, top, axis=1)
+            order = np.argsort(-best, axis=1, kind="stable")
+            top, best = np.take_along_axis(top, order, axis=1), np.take_along_axis(best, order, axis=1)
+            for j, qi in enumerate(batch):
+                keep = ~np.isin(pool[top[j]], seeds_of[qi])
+                out[qi] = list(zip(log.item_ids[pool[top[j][keep]]].tolist(), best[j][keep].tolist(), strict=True))
+        return out
+
+
+class RecommenderSource(CandidateSource):
+    """A fitted harness recommender as a source (two-tower, occasion or body-profile popularity): its
+    ranking, scored by rank (1 for the first, falling to 1/k)."""
+
+    def __init__(self, name: str, recommender: Recommender, window_days: float | None = 3.0,
+                 refit: bool = True) -> None:
+        super().__init__(window_days)
+        self.name = name  # type: ignore[misc]
+        self.recommender, self.refit = recommender, refit
+
+    def fit(self, data: TrainData) -> Self:
+        """Fit the wrapped recommender on the window (unless it is fitted by its owner)."""
+        super().fit(data)
+        if self.refit:
+            self.recommender.fit(data)
+        return self
+
+    def candidates(self, queries: Sequence[Query], k: int) -> list[Candidates]:
+        """The wrapped recommender's top-k."""
+        return [[(item, 1.0 - r / max(len(ranked), 1)) for r, item in enumerate(ranked)]
+                for ranked in self.recommender.recommend(queries, k)]
 
 
 def rule_sources(window_days: float | None) -> list[CandidateSource]:

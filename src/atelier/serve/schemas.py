@@ -118,7 +118,7 @@ class RecommendRequest(BaseModel):
     context: Text | None = Field(default=None, max_length=500, description="an occasion or free text")
     filters: Filters | None = None
     k: Int = Field(default=12, ge=1, le=100)
-    exclude_seen: Bool = Field(default=True, description="leave out the history and cart items")
+    exclude_seen: Bool = Field(default=False, description="also leave out the history's items (the cart's always are)")
 
     @field_validator("recent_item_ids", "cart")
     @classmethod

@@ -28,6 +28,7 @@ from atelier.models.item_tower import CheckpointError
 from atelier.recommend.baselines import profile_keys
 from atelier.recommend.chain import PopularLists, Stage, TwoTowerStage, popular_lists, run_chain, stage_request
 from atelier.recommend.encoder import ItemEncoder, file_id
+from atelier.recommender import TrainData
 from atelier.schema import ItemJSON, load_schema
 from atelier.schema.item import normalise_item
 from atelier.serve.explain import attribute_sets, explain, label
@@ -81,6 +82,7 @@ class ShopState:
     popular: PopularLists = field(default_factory=lambda: PopularLists(None, []))
     popular_docs: dict[str, dict[str, Any]] = field(default_factory=dict)  # item JSON of cached items
     n_items: int = 0
+    data: TrainData | None = None  # the whole log, read once and handed to every stage that needs it
 
 
 def load_shop_state(settings: Settings, dataset: str) -> ShopState:
@@ -94,7 +96,7 @@ def load_shop_state(settings: Settings, dataset: str) -> ShopState:
                                 enriched=settings.paths.items(dataset, "enriched"))
     items, inter = data.items, data.interactions
     return ShopState(dataset, user_histories(inter), lists, {i: d.model_dump(mode="json") for i, d in docs.items()},
-                     len(items))
+                     len(items), data)
 
 
 def user_histories(inter: pd.DataFrame) -> dict[str, tuple[str, ...]]:
@@ -149,7 +151,7 @@ class RecommendService:
         self.shop = shop or load_shop_state(settings, self.dataset)
         self._connect()
         ctx = StageContext(settings, self.dataset, self.store, self.model_id, self.encoder,
-                           self.shop.popular, profile_keys)
+                           self.shop.popular, profile_keys, self.shop.data)
         self.stages: list[Stage]
         self.stages, self.stage_status = build_chain(ctx)
 
@@ -378,7 +380,8 @@ class RecommendService:
             in_stock_only=f.in_stock_only,
         ) if f else SearchFilters()
         profile = req.profile.model_dump(exclude_none=True) if req.profile else {}
-        request = stage_request(req.k, history, cart, profile, req.context, filters, req.exclude_seen)
+        request = stage_request(req.k, history, cart, profile, req.context, filters, req.exclude_seen,
+                                user_id=req.user_id if known else None)
         ctx_attrs = dict(request.context_attributes)
         store = self.store()
         degraded = store is None

@@ -1,10 +1,10 @@
 """How the service builds its recommendation chain from the run folder: stage factories in preference order.
 
-``PREFERENCE`` orders the stages of ``atelier.recommend.chain``: a reranker over the first retrieval stage
-that serves, content kNN, the two-tower retriever, popularity. Each stage has a factory that loads what it
-needs from the run folder (the saved ranker, the indexed user tower) or returns None when the dataset has
-no such model; adding a stage is ``register_stage(name, factory)`` (see ``StageContext`` for what a factory
-gets) with no change to the service or the routes.
+``PREFERENCE`` orders the stages of ``atelier.recommend.chain``: the ranking chain (every candidate source,
+ordered by the trained ranker), content kNN, the two-tower retriever, popularity. Each stage has a factory
+that loads what it needs from the run folder (the saved ranker, the indexed user tower) or returns None
+when the dataset has no such model; adding a stage is ``register_stage(name, factory)`` (see
+``StageContext`` for what a factory gets) with no change to the service or the routes.
 """
 
 from __future__ import annotations
@@ -13,19 +13,23 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from atelier.catalogue import dataset_items
 from atelier.config import Settings
+from atelier.datasets import load_current
 from atelier.recommend.chain import (
     ContentStage,
+    PopularEntry,
     PopularityStage,
     PopularLists,
-    RerankStage,
+    RankedStage,
     Stage,
     TwoTowerStage,
     VectorSearch,
 )
 from atelier.recommend.encoder import ItemEncoder
-from atelier.recommend.ranker import load_scorer
+from atelier.recommend.ranking import load_chain
 from atelier.recommend.user_tower import serving_retriever
+from atelier.recommender import TrainData
 from atelier.store.pointers import live_model_id
 
 # DESIGN.md puts two-tower before content; measured, it is not better yet: on H&M its top 12 is worse for
@@ -35,7 +39,9 @@ from atelier.store.pointers import live_model_id
 log = logging.getLogger("atelier.serve")
 
 
-PREFERENCE = ("rerank", "content", "two_tower", "popularity")
+# The ranking chain serves everyone it can; content kNN and two-tower answer when no ranker is trained (or it
+# cannot load); popularity serves from memory whatever happens to the store.
+PREFERENCE = ("ranked", "content", "two_tower", "popularity")
 
 
 StageFactory = Callable[["StageContext"], Stage | None]
@@ -62,20 +68,22 @@ class StageContext:
     encoder: ItemEncoder | None
     popular: PopularLists
     profile_keys: Callable[[dict[str, object]], list[tuple[str, ...]]]
+    data: TrainData | None = None  # the dataset's whole log as the service loaded it (read once for every stage)
     built: dict[str, Stage] = field(default_factory=dict)  # stages later in PREFERENCE, built first
 
 
-def _rerank(ctx: StageContext) -> Stage | None:
+def _ranked(ctx: StageContext) -> Stage | None:
     settings = ctx.settings
-    retrievers = [ctx.built[n] for n in ("content", "two_tower") if n in ctx.built]
-    if not retrievers or not settings.paths.ranker(ctx.dataset).is_file():
+    if not settings.paths.ranker(ctx.dataset).is_file():
         return None
+    data = ctx.data or load_current(ctx.dataset, settings.paths.dataset(ctx.dataset), settings.paths.features)
     try:
-        scorer, _ = load_scorer(settings, ctx.dataset)
-    except ValueError as exc:  # CheckpointError: corrupt, or trained against another item tower
-        log.warning("reranker not loaded: %s", exc)
+        chain, _ = load_chain(settings, ctx.dataset, data)
+    except (ValueError, FileNotFoundError) as exc:  # CheckpointError: corrupt, stale, another item tower
+        log.warning("ranking chain not loaded: %s", exc)
         return None
-    return RerankStage(scorer, retrievers)
+    items = dataset_items(data.items, ctx.dataset, enriched=settings.paths.items(ctx.dataset, "enriched"))
+    return RankedStage(chain, {item.item_id: PopularEntry.of(item) for item in items})
 
 
 def _two_tower(ctx: StageContext) -> Stage | None:
@@ -84,7 +92,7 @@ def _two_tower(ctx: StageContext) -> Stage | None:
         return None
     try:
         model_id = live_model_id(settings.paths, ctx.dataset, "two_tower")
-        retriever = serving_retriever(settings, ctx.dataset)
+        retriever = serving_retriever(settings, ctx.dataset, ctx.data)
     except FileNotFoundError:
         return None
     except ValueError as exc:  # CheckpointError: a corrupt user tower leaves the stage out, not the service
@@ -118,7 +126,7 @@ def build_chain(ctx: StageContext) -> tuple[list[Stage], dict[str, str]]:
     return [ctx.built[n] for n in PREFERENCE if n in ctx.built], {n: status[n] for n in PREFERENCE}
 
 
-register_stage("rerank", _rerank)
+register_stage("ranked", _ranked)
 register_stage("two_tower", _two_tower)
 register_stage("content", _content)
 register_stage("popularity", _popularity)

@@ -1,9 +1,13 @@
-"""Training recipes, one function per model: setup -> loop -> evaluate -> save.
+"""Training the item tower: SimCSE on the catalogue, then a behavioural fine-tune on the training window.
 
 ``train_item_tower``: SimCSE on the catalogue (two complementary views per item, InfoNCE with
 in-batch negatives, AdamW with warm-up and cosine decay, bf16 autocast on GPU). It runs on CPU
 by default, on one GPU with ``device="cuda"``, and across GPUs when launched by ``torchrun``
 (DDP: each rank trains on its shard of every epoch; in-batch negatives stay per rank).
+``behaviour_finetune``: a second contrastive stage whose positives are ``behaviour_pairs`` (items one
+shopper bought together or in the window, colourways of one product), popularity-corrected in-batch
+negatives, the SimCSE loss kept alongside; the inputs stay content only, so an unsold item is encoded
+into the same tuned space from its attributes (UniSRec: Hou et al., KDD 2022).
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from atelier.models.item_tower import ItemInputs, ItemTower, ItemTowerConfig, mask_parts, slice_inputs, stack_inputs
 from atelier.models.losses import info_nce
 from atelier.models.views import ViewConfig, make_views
+from atelier.recommender import TrainData
 
 ProgressFn = Callable[[int, int, float], None]  # (step, total steps, loss)
 
@@ -142,3 +150,118 @@ def view_alignment(model: ItemTower, inputs: ItemInputs, cfg: ViewConfig, n: int
     with torch.inference_mode():
         za, zb = model(view_a.to(device)), model(view_b.to(device))
     return float((za @ zb.T).argmax(dim=1).eq(torch.arange(len(idx), device=device)).float().mean())
+
+
+# --------------------------------------------------------------------------- behaviour fine-tuning
+
+
+@dataclass
+class BehaviourConfig:
+    """The second, behavioural stage after SimCSE (DESIGN.md section 4; UniSRec's idea)."""
+
+    epochs: int = 1  # one pass over the sampled pairs: the tower only has to tilt towards what sells together
+    batch_size: int = 512
+    max_pairs: int = 60_000  # sampled behaviour pairs per epoch (CPU time is the budget)
+    lr: float = 3e-4  # a fine-tune: a third of SimCSE's rate
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.05
+    temperature: float = 0.05
+    simcse_weight: float = 0.5  # the SimCSE views loss kept alongside, so items with no pairs keep their structure
+    seed: int = 0
+    device: str = "cpu"
+    views: ViewConfig = field(default_factory=ViewConfig)
+
+
+def behaviour_loss(za: torch.Tensor, zb: torch.Tensor, a: torch.Tensor, b: torch.Tensor, log_q: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """InfoNCE of pair (a_i, b_i) against the batch's other b_j, popularity-corrected (logQ: a popular item is a
+    negative in many batches, so its logit loses log of how often it is drawn, Yi et al. 2019), with the
+    b_j that are the same item as b_i, or as a_i, masked out (not negatives, the same item)."""
+    logits = za @ zb.T / temperature - log_q[None, :]  # (batch, batch)
+    same = (b[None, :] == b[:, None]) | (b[None, :] == a[:, None])
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(len(a), device=za.device))
+
+
+def behaviour_finetune(
+    model: ItemTower, inputs: ItemInputs, pairs: torch.Tensor, cfg: BehaviourConfig, progress: ProgressFn | None = None,
+) -> tuple[ItemTower, dict[str, Any]]:
+    """Fine-tune a trained tower so items bought together (and colourways) sit close; inputs stay content only,
+    so an item with no sales still gets a vector in the tuned space from its attributes. ``pairs`` is
+    (n, 2) catalogue rows; sampled with replacement up to ``max_pairs`` per epoch."""
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = model.to(device).train()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    # sampling frequency of each item as the positive b: the logQ correction of in-batch negatives
+    counts = torch.bincount(pairs[:, 1], minlength=len(inputs.tokens)).float()
+    log_q = torch.log(counts / counts.sum()).clamp_min(-30.0).to(device)
+    n = min(cfg.max_pairs, len(pairs))
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, total, max(1, int(cfg.warmup_frac * total))))
+    history: dict[str, Any] = {"config": asdict(cfg), "pairs": len(pairs), "epochs": []}
+    step = 0
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        losses = []
+        picked = pairs[torch.randint(len(pairs), (n,), generator=gen)]
+        for s in range(steps_per_epoch):
+            batch = picked[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            a, b = batch[:, 0], batch[:, 1]
+            za = model(slice_inputs(inputs, a).to(device))
+            zb = model(slice_inputs(inputs, b).to(device))
+            loss = behaviour_loss(za, zb, a.to(device), b.to(device), log_q[b.to(device)], cfg.temperature)
+            if cfg.simcse_weight > 0:  # keep content alignment for the items of the batch
+                view_a, view_b = make_views(slice_inputs(inputs, a), cfg.views, gen)
+                va, vb = model(stack_inputs(view_a, view_b).to(device)).chunk(2)
+                loss = loss + cfg.simcse_weight * info_nce(va, vb, cfg.temperature)
+            optimizer_step(loss, model, opt, sched)
+            step += 1
+            losses.append(loss.item())
+            if progress is not None:
+                progress(step, total, losses[-1])
+        history["epochs"].append({"epoch": epoch + 1, "loss": sum(losses) / len(losses),
+                                  "seconds": round(time.perf_counter() - t0, 2)})
+    return model.eval(), history
+
+
+def behaviour_pairs(data: TrainData, max_basket: int = 12, seed: int = 0) -> tuple[torch.Tensor, dict[str, int]]:
+    """(n, 2) catalogue-row pairs the tower should bring together, from the training window only: items one
+    shopper bought on the same day, items one shopper bought on different days of the window, and other
+    colourways of a product (same ``group_id``, sold or not: the catalogue says so, no sale needed). Both
+    directions of every pair; a shopper's day beyond ``max_basket`` items is sampled down (bulk orders
+    would swamp the rest). Colourway pairs are capped at the number of behaviour pairs."""
+    rng = np.random.default_rng(seed)
+    ids = data.items["item_id"].astype(str)
+    index = pd.Series(np.arange(len(ids)), index=ids.to_numpy())
+    log = data.interactions.assign(row=data.interactions["item_id"].astype(str).map(index)).dropna(subset=["row"])
+    log = log.assign(row=log["row"].astype(np.int64), day=log["ts"].dt.normalize())
+    log = log.drop_duplicates(["user_id", "row", "day"])
+
+    def within(groups: pd.core.groupby.DataFrameGroupBy) -> np.ndarray:
+        out = []
+        for _, group in groups["row"]:
+            rows = np.unique(group.to_numpy())
+            if len(rows) < 2:
+                continue
+            if len(rows) > max_basket:
+                rows = rng.choice(rows, max_basket, replace=False)
+            a, b = np.meshgrid(rows, rows)
+            keep = a != b
+            out.append(np.stack([a[keep], b[keep]], axis=1))
+        return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
+
+    same_day = within(log.groupby(["user_id", "day"]))
+    by_user = log.drop_duplicates(["user_id", "row"]).groupby("user_id")
+    across = within(by_user)
+    groups = data.items["group_id"].astype(str) if "group_id" in data.items else ids
+    colour = within(pd.DataFrame({"row": np.arange(len(ids)), "g": groups.to_numpy()}).groupby("g"))
+    cap = len(same_day) + len(across)
+    if len(colour) > cap:
+        colour = colour[rng.choice(len(colour), cap, replace=False)]
+    pairs = np.concatenate([same_day, across, colour]) if cap or len(colour) else np.zeros((0, 2), np.int64)
+    counts = {"same_day": len(same_day), "same_shopper": len(across), "colourways": len(colour)}
+    return torch.from_numpy(pairs.astype(np.int64)), counts

@@ -1,20 +1,26 @@
-"""Training the DeepFM reranker: rows from the end of a training window, the loop, the harness recommender.
+"""Training the ranker of the ranking chain on every label period inside a training window.
 
-``RerankRecommender`` wraps any retriever behind the harness interface. ``fit`` never looks past the
-training window it is given: the window's last ``label_days`` become labels and the days before them
-history, a copy of the retriever is fitted on that history alone, its top-100 candidates for every user
-active in the label days (plus a few random catalogue items) are labelled by what the user then bought,
-and the DeepFM (``atelier.models.ranker``) is trained on those rows. Serving refits the retriever on the
-whole window and recomputes popularity as of its end, so training and serving features mean the same.
+With a few days of history every label day counts: each period at the end of the window (H&M: every
+day after the first; RentTheRunway: one 90-day period) becomes labels, and everything before it history.
+For each period the chain's pipeline (``atelier.recommend.ranking``) is fitted on the history alone (as of
+the period's start: ``datasets.train_data``), asked for the candidates of every shopper active in the
+period (shoppers with history; new shoppers with a one-item cart, as the harness's cart cohort; a sample
+of new shoppers with nothing), and the candidates they then bought are the positives. Rows keep every
+positive and a sample of negatives per shopper with a positive. The same rows train the served DeepFM
+and the LightGBM peers, so their numbers compare.
+
+``ChainRecommender`` is the chain behind the harness interface: ``fit`` trains on the window it is given
+(or reloads the saved ranker when it was trained on this very window), then fits the pipeline on the whole
+window; ``atelier`` is the served DeepFM chain, the peers are LightGBM (lambdarank, binary) and the union of
+the sources in their single-source order.
 """
 
 from __future__ import annotations
 
-import copy
-import math
+import re
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Self
 
@@ -23,319 +29,349 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from atelier.datasets import build_queries, rules_for, time_split, train_data
-from atelier.models.item_tower import ItemInputs, load_checkpoint
-from atelier.models.losses import listwise_loss
-from atelier.models.ranker import DENSE, RankerConfig, build_ranker, load_ranker, save_ranker, transfer_embeddings
-from atelier.recommend.ranker import Featuriser, ItemFeatures, LogStats, ProfileScale, ProgressFn, Scorer, rank_scores
+from atelier.datasets import Split, build_queries, cart_queries, rules_for, train_data
+from atelier.metrics import score_users
+from atelier.models.item_tower import load_checkpoint
+from atelier.models.ranker import RankerConfig, build_ranker, load_ranker, save_ranker, transfer_embeddings
+from atelier.recommend.candidates import CandidateSet
+from atelier.recommend.ranker import (
+    PROFILE_DENSE,
+    BestSourceScorer,
+    DeepFMScorer,
+    DenseScale,
+    LightGBMScorer,
+    category_codes,
+    deepfm_featuriser,
+    prepare_dense,
+    with_codes,
+)
+from atelier.recommend.ranking import RankedChain, RankingPipeline, RankingSpec, RowScorer, VectorsFn, knows_nothing
 from atelier.recommender import Query, Recommender, TrainData
-from atelier.vocab import PAD_ID, UNK_ID, ItemTokens, Vocab
+from atelier.vocab import Vocab
+
+ProgressFn = Callable[[str], None]
+MODELS = ("deepfm", "lightgbm-lambdarank", "lightgbm-binary", "union")
 
 
 @dataclass
-class RerankTrainConfig:
-    """How the reranker's rows are built and how long it trains."""
+class RankerTrainConfig:
+    """How the ranker's rows are built and how long it trains."""
 
-    label_days: float | None = None  # None: the dataset's rules (datasets.rules_for)
-    max_users: int = 20000  # label-window users sampled (H&M has ~13k, RTR ~11k: all of them)
-    positive_users_only: bool = True  # a user none of whose candidates was bought carries no ranking signal
-    candidates: int = 100  # retriever depth, as served
-    hard_negatives: int = 40  # retrieved non-purchases kept per user: more users for the same rows
-    random_negatives: int = 5  # easy negatives per user so scores stay calibrated off the retriever's list
-    epochs: int = 3
-    batch_size: int = 512  # rows per step (listwise: whole users adding up to about this many rows)
+    label_periods: int | None = None  # None: every period at the window's end that leaves history before it
+    label_days: float | None = None  # length of a period; None: the dataset's rules
+    negatives: int = 40  # sampled negatives per shopper with a positive (every positive is kept)
+    max_queries: int = 20000  # shoppers per period and kind (history / cart / nothing), sampled beyond that
+    nothing_share: float = 0.2  # shoppers with nothing known, as a share of the others (they teach the fallback)
+    epochs: int = 3  # DeepFM passes over the rows
+    batch_size: int = 1024
     lr: float = 2e-3
+    trees: int = 300  # LightGBM peers
     seed: int = 0
-    loss: str = "pointwise"  # pointwise: log loss per row; listwise: softmax over each user's candidates
 
 
-# --------------------------------------------------------------------------- features
+@dataclass
+class PeriodRows:
+    """The rows of one label period: its queries, candidate rows, features and labels."""
 
-
-
-
-@torch.inference_mode()
-def encoded_tables(tower: Any, vocab: Vocab, re_ids: np.ndarray) -> dict[str, torch.Tensor]:
-    """The tower's output vector for a one-attribute item per STD id (and per RE id in ``re_ids``), laid out
-    like its ``emb_std``/``emb_re`` tables (zeros elsewhere) so ``transfer_embeddings`` can copy them."""
-
-    def encode(std: list[tuple[int, int]], re_t: list[tuple[int, int, int]]) -> torch.Tensor:
-        n = max(len(std), len(re_t))
-        s = torch.tensor(std or [(PAD_ID, PAD_ID)] * n).reshape(n, 1, 2)  # (n, 1, [id, field])
-        r = torch.tensor(re_t or [(PAD_ID, PAD_ID, PAD_ID)] * n).reshape(n, 1, 3)  # (n, 1, [id, parent, field])
-        tokens = ItemTokens(s[..., 0], s[..., 1], s[..., 0] != PAD_ID, r[..., 0], r[..., 1], r[..., 2],
-                            r[..., 0] != PAD_ID)
-        text = torch.zeros(n, tower.config.n_text, tower.config.text_dim)
-        return tower.eval()(ItemInputs(tokens, text, torch.zeros(n, tower.config.n_text, dtype=torch.bool)))
-
-    out_dim = tower.config.out_dim
-    std_table = torch.zeros(vocab.std_size, out_dim)
-    ids = list(range(4, vocab.std_size))  # after [PAD] [MASK] [UNK] [CLS]
-    std_table[ids] = encode([(i, vocab.field_id(vocab.std_token(i)[0])) for i in ids], [])
-    re_table = torch.zeros(vocab.re_size, out_dim)
-    re_list = [int(i) for i in re_ids if i > 1]
-    if re_list:  # an RE value's field is unknown from its hash: parent and field stay [UNK]
-
-        re_table[re_list] = encode([], [(i, UNK_ID, UNK_ID) for i in re_list])
-    # Unit vectors of one tower share a large common direction; centring keeps only what tells them apart.
-    mean = std_table[ids].mean(0)
-    std_table[ids] -= mean
-    if re_list:
-        re_table[re_list] -= mean
-    return {"emb_std.weight": std_table, "emb_re.weight": re_table}
-
-
-
-
-# --------------------------------------------------------------------------- training rows
+    start: pd.Timestamp
+    queries: list[Query]
+    cands: CandidateSet
+    x: np.ndarray  # (n, F) chain features
+    y: np.ndarray  # (n,) 1 = bought in the period
+    truth: list[set[str]]  # what each query's shopper bought in the period
+    pipeline: RankingPipeline  # fitted on the period's history (its snapshot and codes)
 
 
 @dataclass
 class Rows:
-    """Training rows grouped per user: inputs, labels and the user index of each row."""
+    """Every period's rows, and what they were built from."""
 
-    x: np.ndarray  # (N, width) float32
-    y: np.ndarray  # (N,) float32
-    group: np.ndarray  # (N,) int: which label-window user
-    items: np.ndarray  # (N,) object: the candidate item id of each row
-    info: dict[str, Any]
+    periods: list[PeriodRows]
+    names: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def x(self) -> np.ndarray:
+        """All periods' features."""
+        return np.concatenate([p.x for p in self.periods])
+
+    @property
+    def y(self) -> np.ndarray:
+        """All periods' labels."""
+        return np.concatenate([p.y for p in self.periods])
+
+    @property
+    def groups(self) -> np.ndarray:
+        """Rows per shopper and period, in row order (LightGBM's lambdarank groups)."""
+        return np.concatenate([np.bincount(p.cands.query)[np.unique(p.cands.query)] for p in self.periods])
 
 
-def label_cut(log: pd.DataFrame, label_days: float) -> pd.Timestamp:
-    """First day of the label period: the last ``label_days`` whole days of the log."""
-    return log["ts"].max().normalize() - pd.Timedelta(days=math.ceil(label_days) - 1)
+def period_starts(log: pd.DataFrame, label_days: float, periods: int | None) -> list[pd.Timestamp]:
+    """Starts of the label periods at the end of the log, oldest first; each leaves history before it."""
+    end = log["ts"].max().normalize() + pd.Timedelta(days=1)
+    first = log["ts"].min().normalize()
+    starts: list[pd.Timestamp] = []
+    start = end - pd.Timedelta(days=label_days)
+    while start > first and (periods is None or len(starts) < periods):
+        starts.append(start)
+        start -= pd.Timedelta(days=label_days)
+    if not starts:
+        raise ValueError(f"the window {first.date()}..{end.date()} is too short for a {label_days:g}-day label "
+                         "period with history before it")
+    return starts[::-1]
 
 
-def training_rows(
-    data: TrainData, retriever: Recommender, feat: Featuriser, tcfg: RerankTrainConfig, window_days: float,
-) -> Rows:
-    """Rows from the training window only: history before the label days, labels from them.
+def _sample(items: list[Any], n: int, rng: np.random.Generator) -> list[Any]:
+    if len(items) <= n:
+        return items
+    return [items[i] for i in sorted(rng.choice(len(items), n, replace=False))]
 
-    ``retriever`` is fitted here on the history part (so its candidates never saw the labels).
-    """
-    days = tcfg.label_days or rules_for(data.dataset).label_days
-    cut = label_cut(data.interactions, days)
-    split = time_split(data.dataset, data.interactions, str(cut.date()))
+
+def period_rows(data: TrainData, start: pd.Timestamp, label_days: float, spec: RankingSpec,
+                vectors: Mapping[str, VectorsFn], tcfg: RankerTrainConfig, rng: np.random.Generator) -> PeriodRows:
+    """Rows of one label period: the pipeline fitted on everything before ``start``, labels from the period."""
+    log = data.interactions
+    end = start + pd.Timedelta(days=label_days)
+    split = Split(data.dataset, log[log["ts"] < start], log[(log["ts"] >= start) & (log["ts"] < end)], start,
+                  "label period")
     queries, actual = build_queries(split, data.users)
+    carts, cart_actual = cart_queries(split)
+    with_history = _sample([q for q in queries if q.history], tcfg.max_queries, rng)
+    carts = _sample(carts, tcfg.max_queries, rng)
+    nothing = _sample([q for q in queries if knows_nothing(q)],
+                      int(tcfg.nothing_share * (len(with_history) + len(carts))) + 1, rng)
+    asked = [*with_history, *carts, *nothing]
+    truth = [actual[q.user_id] for q in with_history] + [cart_actual[q.user_id] for q in carts] + \
+        [actual[q.user_id] for q in nothing]
+    pipeline = RankingPipeline(spec, vectors).fit(train_data(split, data.items, data.users, data.cache_dir))
+    cands = pipeline.candidates(asked)
+    ids = pipeline.item_ids
+    bought = np.array([ids[i] in truth[q] for q, i in zip(cands.query, cands.item, strict=True)], bool)
+    keep = np.zeros(len(cands), bool)
+    for rows in cands.per_query(len(asked)):
+        pos = rows[bought[rows]]
+        if not len(pos):
+            continue  # a shopper who bought none of their candidates says nothing about their order
+        neg = rows[~bought[rows]]
+        keep[pos] = True
+        keep[rng.choice(neg, min(len(neg), tcfg.negatives), replace=False)] = True
+    chosen = cands.subset(np.flatnonzero(keep))
+    x = pipeline.features(asked, chosen)
+    return PeriodRows(start, asked, chosen, x, bought[keep].astype(np.float32), truth, pipeline)
+
+
+def ranking_rows(data: TrainData, spec: RankingSpec, vectors: Mapping[str, VectorsFn], tcfg: RankerTrainConfig,
+                 progress: ProgressFn | None = None) -> Rows:
+    """Every label period's rows (shared by every model trained on this window and config: built once)."""
+    label_days = tcfg.label_days or rules_for(data.dataset).label_days
+    key = ("ranking_rows", repr(spec), label_days, tcfg.label_periods, tcfg.negatives, tcfg.max_queries,
+           tcfg.nothing_share, tcfg.seed)
+    if key in data.memo:
+        found: Rows = data.memo[key]
+        return found
     rng = np.random.default_rng(tcfg.seed)
-    if len(queries) > tcfg.max_users:
-        queries = [queries[i] for i in sorted(rng.choice(len(queries), tcfg.max_users, replace=False))]
-    history = train_data(split, data.items, data.users, data.cache_dir)  # everything as of the label cut
-    retriever.fit(history)
-    candidates = retriever.recommend(queries, tcfg.candidates)
-    stats = LogStats.build(split.train, feat.cat, window_days)
-    xs, ys, groups, row_items = [], [], [], []
-    n_items, hits = len(feat.cat.item_ids), 0
-    for g, (q, cands) in enumerate(zip(queries, candidates, strict=True)):
-        cands = [c for c in cands if c in feat.cat.index]
-        ranks = np.arange(len(cands))
-        bought = np.array([c in actual[q.user_id] for c in cands], bool)
-        hits += int(bought.any())
-        if tcfg.positive_users_only and not bought.any():
-            continue
-        if (~bought).sum() > tcfg.hard_negatives:  # subsample the retrieved negatives, keep every positive
-            keep = np.sort(np.concatenate([ranks[bought], rng.choice(ranks[~bought], tcfg.hard_negatives,
-                                                                     replace=False)]))
-        else:
-            keep = ranks
-        taken = set(cands)
-        extra = [str(feat.cat.item_ids[j]) for j in rng.choice(n_items, tcfg.random_negatives, replace=False)]
-        extra = [e for e in extra if e not in taken]
-        items = [cands[i] for i in keep] + extra
-        scores = np.concatenate([rank_scores(len(cands))[keep], np.zeros(len(extra), np.float32)])
-        y = np.array([i in actual[q.user_id] for i in items], np.float32)
-        xs.append(feat.rows(q, items, scores, stats))
-        ys.append(y)
-        groups.append(np.full(len(items), g))
-        row_items += items
-    assert xs, "no label-window user bought any of their candidates: nothing to learn from"
-    y_all = np.concatenate(ys)
-    info = {"label_cut": str(cut.date()), "history_days": [str(split.train["ts"].min().date()), str(cut.date())],
-            "users": len(queries), "users_in_rows": len(xs), "rows": len(y_all), "positives": int(y_all.sum()),
-            "users_with_a_positive_candidate": hits}
-    return Rows(np.concatenate(xs), y_all, np.concatenate(groups), np.array(row_items, dtype=object), info)
+    periods = []
+    for start in period_starts(data.interactions, label_days, tcfg.label_periods):
+        t0 = time.perf_counter()
+        periods.append(period_rows(data, start, label_days, spec, vectors, tcfg, rng))
+        if progress is not None:
+            p = periods[-1]
+            progress(f"label period {start.date()}: {len(p.y):,} rows, {int(p.y.sum()):,} positives "
+                     f"({time.perf_counter() - t0:.0f} s)")
+    rows = Rows(periods, periods[0].pipeline.names)
+    rows.info = {"periods": [str(p.start.date()) for p in periods], "label_days": label_days,
+                 "rows": int(sum(len(p.y) for p in periods)), "positives": int(sum(p.y.sum() for p in periods)),
+                 "queries": int(sum(len(p.queries) for p in periods))}
+    data.memo[key] = rows
+    return rows
 
 
-# --------------------------------------------------------------------------- training
+# --------------------------------------------------------------------------- the models
 
 
-def _batches(rows: Rows, tcfg: RerankTrainConfig, gen: torch.Generator) -> list[torch.Tensor]:
-    """Row indices per step: shuffled rows (pointwise), or shuffled whole users (listwise)."""
-    if tcfg.loss == "pointwise":
-        order = torch.randperm(len(rows.y), generator=gen)
-        return list(order.split(tcfg.batch_size))
-    if tcfg.loss != "listwise":
-        raise ValueError(f"unknown ranker loss {tcfg.loss!r}; choose pointwise or listwise")
-    starts = np.flatnonzero(np.r_[True, rows.group[1:] != rows.group[:-1]]).tolist()  # a user's rows are contiguous
-    users = [torch.arange(a, b) for a, b in zip(starts, [*starts[1:], len(rows.y)], strict=True)]
-    per_step = max(1, tcfg.batch_size // max(1, len(rows.y) // len(users)))
-    shuffled: list[int] = torch.randperm(len(users), generator=gen).tolist()
-    return [torch.cat([users[u] for u in shuffled[i : i + per_step]]) for i in range(0, len(shuffled), per_step)]
+def ranker_config(vocab: Vocab, names: Sequence[str], overrides: RankerConfig | None = None) -> RankerConfig:
+    """The DeepFM's config for a vocabulary and the chain's dense features (plus the profile numbers)."""
+    base = overrides or RankerConfig(0, 0)
+    return replace(base, std_size=vocab.std_size, re_size=vocab.re_size, dense=(*names, *PROFILE_DENSE))
 
 
-
-
-def train_ranker(model: Any, rows: Rows, tcfg: RerankTrainConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Setup, loop, evaluate: Adam on pointwise log loss or the listwise loss (+ DeepCTR's L2 terms)."""
+def train_deepfm(rows: Rows, data: TrainData, checkpoint: Path, tcfg: RankerTrainConfig,
+                 cfg: RankerConfig | None = None, enriched: Path | None = None,
+                 progress: ProgressFn | None = None) -> tuple[DeepFMScorer, dict[str, Any]]:
+    """Train the DeepFM on every period's rows (pointwise log loss, Adam), its STD/RE tables started from the
+    item tower's (``cfg.transfer``); returns the scorer and the training record."""
     torch.manual_seed(tcfg.seed)
+    tower, payload = load_checkpoint(checkpoint)
+    vocab = Vocab.from_dict(payload["vocab"])
+    cfg = ranker_config(vocab, rows.names, cfg)
+    model = build_ranker(cfg)
+    transfer = transfer_embeddings(model, {k: v.detach() for k, v in tower.state_dict().items()}, cfg) \
+        if cfg.transfer else {}
+    scorer = DeepFMScorer(model, deepfm_featuriser(data.items, data.dataset, cfg, model, vocab, enriched), rows.names,
+                          DenseScale.fit(prepare_dense(rows.names, rows.x)))
+    x = torch.from_numpy(np.concatenate([scorer.inputs(p.queries, p.cands, p.x) for p in rows.periods]))
+    y = torch.from_numpy(rows.y)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
-    x, y, group = torch.from_numpy(rows.x), torch.from_numpy(rows.y), torch.from_numpy(rows.group)
     gen = torch.Generator().manual_seed(tcfg.seed)
-    history: dict[str, Any] = {"loss": [], "initial_loss": _log_loss(model, x, y)}
+    history: dict[str, Any] = {"loss": [], "transfer": transfer}
     for epoch in range(tcfg.epochs):
         model.train()
-        total, seen = 0.0, 0
-        for b in _batches(rows, tcfg, gen):
-            if tcfg.loss == "listwise":
-                # DeepCTR's output layer applies the sigmoid only for task "binary": switched off here to get
-                # the logits a softmax needs; scores stay sigmoid(logit), so the ranking is the same.
-                model.out.task = "regression"
-                try:
-                    loss = listwise_loss(model(x[b]).squeeze(-1), y[b], group[b])
-                finally:
-                    model.out.task = "binary"
-            else:
-                loss = F.binary_cross_entropy(model(x[b]).squeeze(-1), y[b])  # DeepFM ends in a sigmoid
+        total = 0.0
+        for b in torch.randperm(len(y), generator=gen).split(tcfg.batch_size):
+            loss = F.binary_cross_entropy(model(x[b]).squeeze(-1), y[b])  # DeepFM ends in a sigmoid
             opt.zero_grad()
             (loss + model.get_regularization_loss()).backward()
             opt.step()
-            total, seen = total + loss.item() * len(b), seen + len(b)
-        history["loss"].append(round(total / max(seen, 1), 5))
+            total += loss.item() * len(b)
+        history["loss"].append(round(total / max(len(y), 1), 5))
         if progress is not None:
             progress(f"epoch {epoch + 1}/{tcfg.epochs}: loss {history['loss'][-1]:.4f}")
     model.eval()
-    return history
+    return scorer, {"config": asdict(cfg), **history}
 
 
-@torch.inference_mode()
-def _log_loss(model: Any, x: torch.Tensor, y: torch.Tensor, limit: int = 20000) -> float:
-    model.eval()
-    p = model(x[:limit]).squeeze(-1).clamp(1e-7, 1 - 1e-7)
-    return round(float(F.binary_cross_entropy(p, y[:limit])), 5)
+def train_lightgbm(rows: Rows, objective: str, tcfg: RankerTrainConfig) -> LightGBMScorer:
+    """A LightGBM peer on the same rows (plus each item's attribute codes, categorical): ``lambdarank``
+    (groups = shoppers) or ``binary``."""
+    import lightgbm as lgb
+
+    # Attribute values keyed by value, not by one catalogue's codes: a period's catalogue may differ from the
+    # next (RentTheRunway's holds the items rented so far), and the served one differs again.
+    categories: dict[str, list[str]] = {}
+    for p in rows.periods:
+        for name, v in p.pipeline.values.items():
+            categories.setdefault(name, [])
+            categories[name] = sorted({*categories[name], *(x for x in v if x is not None)})
+    x = np.concatenate([with_codes(p.x, category_codes(p.pipeline.values, categories), p.cands.item)
+                        for p in rows.periods])
+    # LightGBM refuses JSON-special characters in feature names: "rank:own" -> "rank_own"
+    names = [re.sub(r"[^0-9A-Za-z_]", "_", n) for n in [*rows.names, *(f"code:{c}" for c in categories)]]
+    params: dict[str, Any] = dict(n_estimators=tcfg.trees, learning_rate=0.05, num_leaves=63, min_child_samples=20,
+                                  subsample=0.8, subsample_freq=1, colsample_bytree=0.8, random_state=tcfg.seed,
+                                  n_jobs=2, verbose=-1)
+    categorical = names[len(rows.names):]
+    frame = pd.DataFrame(x, columns=names)
+    if objective == "lambdarank":
+        model: Any = lgb.LGBMRanker(objective="lambdarank", **params)
+        model.fit(frame, rows.y, group=rows.groups, categorical_feature=categorical)
+    else:
+        model = lgb.LGBMClassifier(objective="binary", **params)
+        model.fit(frame, rows.y, categorical_feature=categorical)
+    return LightGBMScorer(model.booster_, categories, name=f"lightgbm-{objective}")
 
 
+def choose_fallback(rows: Rows, scorer: RowScorer) -> tuple[str, dict[str, float]]:
+    """Ranker or plain popularity for shoppers the sources know nothing about, whichever scores the higher
+    MAP@12 on the last label period (inside the training window: the test window is never looked at)."""
+    last = rows.periods[-1]
+    asked = [(q, t) for q, t in zip(last.queries, last.truth, strict=True) if knows_nothing(q) and t]
+    if not asked:
+        return "popularity", {}
+    queries = [q for q, _ in asked]
+    actual = {q.user_id: t for q, t in asked}
+    if isinstance(scorer, LightGBMScorer):
+        scorer = scorer.bind(last.pipeline.values)
+    chain = RankedChain(last.pipeline, scorer, fallback="ranker")
+    ranked = {q.user_id: [r.item_id for r in got] for q, got in zip(queries, chain.rank(queries, 12), strict=True)}
+    popular = {q.user_id: last.pipeline.popular[:12] for q in queries}
+    figures = {f"{name}_map@12": float(score_users(actual, predicted, ks=(12,))["map@12"].mean())
+               for name, predicted in (("ranker", ranked), ("popularity", popular))}
+    figures["shoppers"] = float(len(queries))
+    return ("ranker" if figures["ranker_map@12"] > figures["popularity_map@12"] else "popularity"), figures
 
 
-# --------------------------------------------------------------------------- the recommender
+# --------------------------------------------------------------------------- the harness recommender
 
 
+class ChainRecommender(Recommender):
+    """The ranking chain behind the harness interface, its ranker trained on the window it is given.
 
-
-class RerankRecommender(Recommender):
-    """retrieve(``candidates``) -> DeepFM -> top-k, behind the harness interface.
-
-    ``item_checkpoint`` gives the vocabulary (ids of the ``std``/``re`` tables) and, with
-    ``cfg.transfer``, the embeddings the ranker starts from.
+    ``model``: ``deepfm`` (the served ranker; ``saved`` is reused when it was trained on this very window
+    and config), ``lightgbm-lambdarank``, ``lightgbm-binary`` (the peers, on the same rows) or ``union``
+    (no learning: the sources in their order). Every model of one window shares its rows and pipelines.
     """
 
-    name = "rerank"
-
     def __init__(
-        self, retriever: Recommender, item_checkpoint: Path, *, cfg: RankerConfig | None = None,
-        train: RerankTrainConfig | None = None, window_days: float | None = None, enriched: Path | None = None,
-        name: str | None = None, progress: ProgressFn | None = None, saved: Path | None = None,
+        self, model: str, spec: RankingSpec, vectors: Mapping[str, VectorsFn], checkpoint: Path, *,
+        tcfg: RankerTrainConfig | None = None, cfg: RankerConfig | None = None, enriched: Path | None = None,
+        name: str | None = None, saved: Path | None = None, save: bool = False, progress: ProgressFn | None = None,
     ) -> None:
-        self.retriever = retriever
-        self.item_checkpoint = item_checkpoint
-        self.cfg_overrides = cfg
-        self.tcfg = train or RerankTrainConfig()
-        self.window_days, self.enriched, self.progress = window_days, enriched, progress
-        self.saved = saved  # a checkpoint to reuse when it was trained on the same window (see fit)
-        self.model: Any = None
-        self.cfg: RankerConfig | None = None
-        self.feat: Featuriser | None = None
-        self.stats: LogStats | None = None
-        self.vocab: Vocab | None = None
+        if model not in MODELS:
+            raise ValueError(f"unknown ranker {model!r}; choose from {MODELS}")
+        self.model, self.spec, self.vectors, self.checkpoint = model, spec, dict(vectors), checkpoint
+        self.tcfg, self.cfg_overrides, self.enriched = tcfg or RankerTrainConfig(), cfg, enriched
+        self.saved, self.save_trained, self.progress = saved, save, progress
+        self.name = name or f"chain ({model})"  # type: ignore[misc]
+        self.chain: RankedChain | None = None
         self.history: dict[str, Any] = {}
-        self.name = name or f"rerank({retriever.name})"  # type: ignore[misc]
 
-    def _setup(self, data: TrainData) -> dict[str, torch.Tensor]:
-        """Vocabulary, config, model and featuriser; returns the tables to transfer from."""
-
-        tower, payload = load_checkpoint(self.item_checkpoint)
-        self.vocab = Vocab.from_dict(payload["vocab"])
-        base = RankerConfig(std_size=self.vocab.std_size, re_size=self.vocab.re_size)
-        self.cfg = replace(self.cfg_overrides, std_size=base.std_size, re_size=base.re_size) \
-            if self.cfg_overrides is not None else base
-        self.model = build_ranker(self.cfg)
-        cat = ItemFeatures.build(data.items, data.dataset, self.vocab, self.cfg, self.enriched)
-        self.feat = Featuriser(self.cfg, cat, ProfileScale.build(data.users), self.model.feature_index)
-        if self.cfg.transfer_source == "encoded":
-            return encoded_tables(tower, self.vocab, np.unique(cat.re))
-        assert self.cfg.transfer_source == "table", f"unknown transfer source {self.cfg.transfer_source!r}"
-        return {k: v.detach() for k, v in tower.state_dict().items()}
+    def pipeline(self, data: TrainData) -> RankingPipeline:
+        """The pipeline fitted on the whole window (shared by every model of this window and spec)."""
+        key = ("ranking_pipeline", repr(self.spec))
+        if key not in data.memo:
+            data.memo[key] = RankingPipeline(self.spec, self.vectors).fit(data)
+        found: RankingPipeline = data.memo[key]
+        return found
 
     def fit(self, data: TrainData) -> Self:
-        """Build rows from the window's last days, train the DeepFM, then fit the retriever on all of it."""
-        torch.manual_seed(self.tcfg.seed)
+        """Train (or reload) the ranker on the window's label periods, then fit the pipeline on all of it."""
         t0 = time.perf_counter()
-        tower_state = self._setup(data)
-        assert self.cfg is not None and self.feat is not None
-        window = self.window_days or rules_for(data.dataset).popularity_days
-        if self.saved is not None and self._reuse_saved(data):
-            self.retriever.fit(data)
-            self.stats = LogStats.build(data.interactions, self.feat.cat, window)
-            return self
-        transfer = transfer_embeddings(self.model, tower_state, self.cfg) if self.cfg.transfer else {}
-        rows = training_rows(data, copy.deepcopy(self.retriever), self.feat, self.tcfg, window)
-        t1 = time.perf_counter()
-        if self.progress is not None:
-            self.progress(f"{rows.info['rows']} rows, {rows.info['positives']} positives ({t1 - t0:.0f} s)")
-        hist = train_ranker(self.model, rows, self.tcfg, self.progress)
-        self.history = {"rows": rows.info, "transfer": transfer, "rows_seconds": round(t1 - t0, 1),
-                        "train_end": str(data.interactions["ts"].max()),
-                        "train_seconds": round(time.perf_counter() - t1, 1), **hist}
-        self.retriever.fit(data)
-        self.stats = LogStats.build(data.interactions, self.feat.cat, window)
+        end = str(data.interactions["ts"].max())
+        reused = self._reuse(data, end) if self.saved is not None and self.model == "deepfm" else None
+        rows = None
+        if reused is None:
+            rows = ranking_rows(data, self.spec, self.vectors, self.tcfg, self.progress)
+            scorer, record = self._train(rows, data)
+            fallback, figures = choose_fallback(rows, scorer)
+            self.history = {"rows": rows.info, "fallback": fallback, "fallback_figures": figures, "train_end": end,
+                            "seconds": round(time.perf_counter() - t0, 1), **record}
+        else:
+            scorer, fallback = reused
+        pipeline = self.pipeline(data)
+        if isinstance(scorer, LightGBMScorer):
+            scorer = scorer.bind(pipeline.values)
+        self.chain = RankedChain(pipeline, scorer, fallback, dict(self.history))
+        if self.save_trained and reused is None and self.saved is not None:
+            self.save(self.saved, {"dataset": data.dataset})  # `atelier run`: the evaluated ranker is the served one
         return self
 
-    def _reuse_saved(self, data: TrainData) -> bool:
-        """Load the saved weights when they were trained on this very window (same last interaction, same
-        configs): refitting would only repeat that work. Any other window trains afresh, so a saved model
-        never scores days it has seen."""
+    def _train(self, rows: Rows, data: TrainData) -> tuple[RowScorer, dict[str, Any]]:
+        if self.model == "deepfm":
+            return train_deepfm(rows, data, self.checkpoint, self.tcfg, self.cfg_overrides, self.enriched,
+                                self.progress)
+        if self.model == "union":
+            return BestSourceScorer(list(range(len(self.spec.sources)))), {}
+        return train_lightgbm(rows, self.model.removeprefix("lightgbm-"), self.tcfg), {}
+
+    def _reuse(self, data: TrainData, end: str) -> tuple[RowScorer, str] | None:
+        """The saved DeepFM when it was trained on this very window with this spec and config (refitting
+        would repeat the work); any other window trains afresh, so a saved model never scores days it saw."""
         assert self.saved is not None
+        if not self.saved.is_file():
+            return None
         model, cfg, payload = load_ranker(self.saved)
-        same = (payload.get("history", {}).get("train_end") == str(data.interactions["ts"].max())
-                and cfg == self.cfg and payload.get("train") == asdict(self.tcfg))
-        if same:
-            self.model, self.history = model, {**payload["history"], "reused": str(self.saved)}
-        return same
-
-    @property
-    def scorer(self) -> Scorer:
-        """The fitted model with its featuriser and log statistics."""
-        assert self.feat is not None and self.stats is not None and self.vocab is not None, "call fit() first"
-        return Scorer(self.model, self.feat, self.stats, self.vocab)
-
-    def score(self, query: Query, candidates: Sequence[str]) -> np.ndarray:
-        """Ranker probabilities of one query's retrieved candidates (in retrieval order)."""
-        return self.scorer.score(query, candidates)
+        same = (payload.get("history", {}).get("train_end") == end and payload.get("spec") == self.spec.to_dict()
+                and payload.get("train") == asdict(self.tcfg))
+        if not same:
+            return None
+        vocab = Vocab.from_dict(load_checkpoint(self.checkpoint)[1]["vocab"])
+        feat = deepfm_featuriser(data.items, data.dataset, cfg, model, vocab, self.enriched)
+        scorer = DeepFMScorer(model, feat, list(payload["names"]),
+                              DenseScale.from_dict(payload["scale"]))
+        self.history = {**payload["history"], "reused": str(self.saved)}
+        return scorer, str(payload["history"]["fallback"])
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
-        """Retrieve ``candidates`` per query, reorder them by the ranker, cut to k."""
-        scorer = self.scorer
-        ranked = self.retriever.recommend(queries, max(k, self.tcfg.candidates))
-        return [[item for item, _ in scorer.reorder(q, cands)][:k] for q, cands in zip(queries, ranked, strict=True)]
+        """The chain's top-k per query."""
+        assert self.chain is not None, "call fit() first"
+        return [[r.item_id for r in got] for got in self.chain.rank(queries, k)]
 
-    def explain(self, query: Query, items: Sequence[str], top: int = 3) -> list[dict[str, Any]]:
-        """See ``Scorer.explain``."""
-        return self.scorer.explain(query, items, top)
-
-    def save(self, path: Path, extra: dict[str, Any] | None = None) -> None:
-        """Checkpoint the ranker with the training history (the featuriser is rebuilt from the catalogue)."""
-        assert self.cfg is not None
-        save_ranker(self.model, self.cfg, path, {"history": self.history, "train": asdict(self.tcfg),
-                                                 "dense": list(DENSE), **(extra or {})})
-
-    def load_weights(self, path: Path) -> None:
-        """Replace the fitted model by a saved one (same config)."""
-        self.model, self.cfg, _ = load_ranker(path)
-
-
-# --------------------------------------------------------------------------- stage (CLI)
-
-
-
-
-
-
+    def save(self, path: Path, extra: Mapping[str, Any] | None = None) -> None:
+        """Checkpoint the DeepFM with what rebuilds its chain: the spec, feature names and scale, fallback."""
+        assert self.chain is not None and isinstance(self.chain.scorer, DeepFMScorer), "only the DeepFM is saved"
+        scorer = self.chain.scorer
+        cfg = RankerConfig(**{**self.history["config"], "dnn_hidden": tuple(self.history["config"]["dnn_hidden"]),
+                              "dense": tuple(self.history["config"]["dense"])})
+        save_ranker(scorer.model, cfg, path, {"spec": self.spec.to_dict(), "names": scorer.names,
+                                              "scale": scorer.scale.to_dict(), "history": self.history,
+                                              "train": asdict(self.tcfg), **(extra or {})})

@@ -1,0 +1,105 @@
+"""Issue #21's ablation: the SimCSE item tower against the same tower tuned on behaviour pairs.
+
+Both towers are scored by the evaluation harness on the dataset's default split (validation numbers):
+the item tower's own kNN (``item tower``) over the SimCSE vectors and over the tuned ones.
+Cold-item recall (test purchases of articles with no sale before the cut) is the number the tuning is for.
+
+Needs a run folder where ``atelier run`` (or ``atelier train item``) left
+``models/item_tower-<dataset>-simcse.pt``; the tuned tower is trained here on the split's training window
+and written next to it as ``item_tower-<dataset>-behaviour.pt`` (the served tower is not touched)::
+
+    .venv/bin/python -m benchmarks.item_behaviour_ablation --run-dir runs [--max-pairs 60000]
+
+Writes ``benchmarks/results/item-behaviour-<date>-<dataset>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+from atelier.atomic import write_json
+from atelier.config import Settings
+from atelier.datasets import rules_for, time_split, train_data
+from atelier.evaluate import evaluate, git_commit, machine
+from atelier.ingest import load_tables
+from atelier.models.item_tower import load_checkpoint, save_checkpoint
+from atelier.pipeline.item_tower import encode_stage
+from atelier.recommend.content import ItemTowerRecommender
+from atelier.recommend.encoder import catalogue_inputs, file_id
+from atelier.recommender import Recommender
+from atelier.train.item import BehaviourConfig, behaviour_finetune, behaviour_pairs
+from atelier.vocab import Vocab
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def tune(settings: Settings, dataset: str, cfg: BehaviourConfig) -> tuple[Path, dict[str, object]]:
+    """The behaviour-tuned copy of the SimCSE tower (training window of the default split only)."""
+    source = settings.paths.item_tower_simcse(dataset)
+    out = source.with_name(f"item_tower-{dataset}-behaviour.pt")
+    model, payload = load_checkpoint(source)
+    vocab = Vocab.from_dict(payload["vocab"])
+    items, interactions, users = load_tables(settings.paths.dataset(dataset))
+    data = train_data(time_split(dataset, interactions), items, users, settings.paths.features)
+    pairs, kinds = behaviour_pairs(data, seed=cfg.seed)
+    inputs = catalogue_inputs(items, dataset, vocab, settings.paths.features,
+                              enriched=settings.paths.items(dataset, "enriched"))
+    t0 = time.perf_counter()
+    model, history = behaviour_finetune(model, inputs, pairs, cfg)
+    history.update(pair_kinds=kinds, seconds=round(time.perf_counter() - t0, 1))
+    save_checkpoint(model.cpu(), out, vocab.to_dict(), {"dataset": dataset, "history": history,
+                                                        "stages": ["simcse", "behaviour"]})
+    return out, history
+
+
+def models(settings: Settings, dataset: str, label: str, checkpoint: Path) -> list[Recommender]:
+    """The models that read the tower, named after it."""
+    vectors = settings.paths.vectors(dataset, file_id(checkpoint))
+    if not vectors.is_file():
+        encode_stage(settings, dataset, checkpoint)
+    window = rules_for(dataset).popularity_days
+    suite: list[Recommender] = [ItemTowerRecommender(checkpoint, window_days=window, vectors_file=vectors,
+                                                     name=f"item tower ({label})")]
+    return suite
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Tune, score both towers, file the result."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--dataset", default="hm")
+    parser.add_argument("--max-pairs", type=int, default=BehaviourConfig.max_pairs)
+    parser.add_argument("--epochs", type=int, default=BehaviourConfig.epochs)
+    parser.add_argument("--max-users", type=int, default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = Settings.model_validate({"run_dir": args.run_dir})
+    cfg = BehaviourConfig(max_pairs=args.max_pairs, epochs=args.epochs)
+    tuned, history = tune(settings, args.dataset, cfg)
+    print(f"tuned in {history['seconds']} s on {history['pairs']} pairs {history['pair_kinds']}", flush=True)
+    suite = [*models(settings, args.dataset, "SimCSE", settings.paths.item_tower_simcse(args.dataset)),
+             *models(settings, args.dataset, "SimCSE + behaviour", tuned)]
+    report = evaluate(args.dataset, settings.paths.dataset(args.dataset), suite, settings.paths.features,
+                      max_users=args.max_users, on_model=lambda m: print(m, flush=True))
+    out = RESULTS / f"item-behaviour-{date.today().isoformat()}-{args.dataset}.json"
+    write_json(out, {"command": "python -m benchmarks.item_behaviour_ablation " + " ".join(sys.argv[1:]),
+                     "git_commit": git_commit(), "machine": machine(), "date": date.today().isoformat(),
+                     "behaviour": history, **report}, indent=2, default=float)
+    for name, m in report["models"].items():  # type: ignore[attr-defined]
+        coh = m["cohorts"]
+        print(f"{name:40s} MAP@12 all {coh['all']['map@12']:.4f} hist {coh['with_history']['map@12']:.4f} "
+              f"cart {coh.get('cart', {}).get('map@12', float('nan')):.4f} "
+              f"cold R@100 {m['cold_items']['recall@100']:.4f} cart cold R@100 "
+              f"{coh.get('cart', {}).get('cold_items', {}).get('recall@100', float('nan'))}")
+    print(json.dumps({"result": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
