@@ -14,7 +14,7 @@ from atelier.config import Settings
 from atelier.models.item_tower import CheckpointError, ItemTower, save_checkpoint
 from atelier.models.ranker import RankerConfig, build_ranker, load_ranker, projection, transfer_embeddings
 from atelier.recommend.candidates import CandidateGenerator
-from atelier.recommend.chain import RankedStage, StageRequest, reason_for
+from atelier.recommend.chain import RankedStage, Scored, StageRequest, reason_for
 from atelier.recommend.encoder import tower_config
 from atelier.recommend.features import build_features
 from atelier.recommend.ranker import BestSourceScorer, DenseScale, prepare_dense
@@ -239,3 +239,41 @@ def test_ranked_stage_serves_the_chain_with_plain_reasons(toy: tuple[TrainData, 
     assert any("your cart" in s.reason for s in got) and not any("bought it before" in s.reason for s in got)
     assert reason_for("own", Query("u", history=("i1",))) == "you bought it before"
     assert knows_nothing(Query("x")) and not knows_nothing(Query("x", context="wedding"))
+
+
+class NearStage:
+    """A retrieval stage answering a fixed list (the content kNN of the service, without a store)."""
+
+    name = "content"
+
+    def __init__(self, items: list[str]) -> None:
+        self.items = items
+        self.asked = 0
+
+    def available(self) -> str | None:
+        return None
+
+    def recommend(self, request: StageRequest) -> list[Scored]:
+        self.asked += 1
+        return [Scored(i, 1.0 - n / 100, self.name, "similar") for n, i in enumerate(self.items[: request.k])]
+
+
+def test_a_posted_product_keeps_its_retrieval_slot_in_the_ranked_stage(toy: tuple[TrainData, Path]) -> None:
+    data, ckpt = toy
+    rec = ChainRecommender("union", _spec(), SPACES, ckpt, tcfg=RankerTrainConfig(negatives=5)).fit(data)
+    assert rec.chain is not None
+    near = NearStage(["i21", "posted-1", "i22", "i23"])
+    stage = RankedStage(rec.chain, retrieval=near)
+    request = StageRequest(k=6, cart=("i20",), exclude=frozenset({"i20"}))
+    before = stage.recommend(request)
+    assert near.asked == 0 and "posted-1" not in {s.item_id for s in before}  # nothing posted: no extra query
+    stage.add_item("i21")  # already in the chain's catalogue: the chain ranks it itself
+    stage.add_item("posted-1")
+    got = stage.recommend(request)
+    assert [s.item_id for s in got].index("posted-1") == 1 and len(got) == 6
+    assert got[1].source == "new:posted" and "your cart" in got[1].reason and "i21" not in stage.posted
+    assert [s.item_id for s in got if s.item_id != "posted-1"] == [s.item_id for s in before][:5]
+    stage.recommend(StageRequest(k=6))  # a shopper with nothing to be near: retrieval is not asked
+    assert near.asked == 1
+    stage.remove_item("posted-1")
+    assert "posted-1" not in {s.item_id for s in stage.recommend(request)} and near.asked == 1

@@ -78,7 +78,7 @@ class ShippedRecords:
                 self._records = {}
             else:
                 path = self.directory / self.manifest["file"]
-                self._records = _hash_records(path, path.stat().st_mtime)
+                self._records = _records_by(path, path.stat().st_mtime, "h")
         return self._records
 
     def get(self, input_hash_: str, prompt_version: str, model_id: str, product: RawProduct | None = None,
@@ -104,13 +104,14 @@ class ShippedRecords:
         return result
 
 
-@lru_cache(maxsize=2)
-def _hash_records(path: Path, mtime: float) -> dict[str, dict[str, Any]]:
+@lru_cache(maxsize=4)
+def _records_by(path: Path, mtime: float, key: str) -> dict[str, dict[str, Any]]:
+    """A gzipped JSONL file's records by one of their fields (``mtime``: a changed file is read again)."""
     out: dict[str, dict[str, Any]] = {}
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         for line in fh:
             rec = json.loads(line)
-            out[rec["h"]] = rec
+            out[str(rec[key])] = rec
     return out
 
 
@@ -285,23 +286,13 @@ def load_manifest(dataset: str, directory: Path | None = None, kind: str = "re")
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-@lru_cache(maxsize=4)
-def _records(path: Path, mtime: float) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            out[str(rec["item_id"])] = rec
-    return out
-
-
 def load_records(dataset: str, directory: Path | None = None) -> dict[str, dict[str, Any]]:
     """``item_id -> record`` of the first RE file ({} when the dataset has none)."""
     manifest = load_manifest(dataset, directory)
     if manifest is None:
         return {}
     path = _manifest_path(dataset, directory).parent / manifest["file"]
-    return _records(path, path.stat().st_mtime)
+    return _records_by(path, path.stat().st_mtime, "item_id")
 
 
 def load_re(dataset: str, directory: Path | None = None) -> dict[str, dict[str, list[str]]]:

@@ -425,17 +425,46 @@ def reason_for(source: str | None, query: Query) -> str:
 
 class RankedStage:
     """The ranking chain (``atelier.recommend.ranking``): candidates from every source, ordered by the trained
-    ranker; a shopper it knows nothing about gets the fallback its training window chose."""
+    ranker; a shopper it knows nothing about gets the fallback its training window chose.
+
+    Products posted after the chain was fitted (``POST /items``) are not in its catalogue; when there are any,
+    the ``retrieval`` stage (content kNN in the tuned item-tower space) is asked too, and each posted product it
+    returns keeps its retrieval slot in the list, so a new product reaches the shoppers it is near at once."""
 
     name = "ranked"
 
-    def __init__(self, chain: RankedChain, entries: Mapping[str, PopularEntry] | None = None) -> None:
+    def __init__(self, chain: RankedChain, entries: Mapping[str, PopularEntry] | None = None,
+                 retrieval: Stage | None = None) -> None:
         self.chain = chain
         self.entries = entries or {}  # every item's filter fields (metadata filters of the request)
+        self.retrieval = retrieval
+        self.posted: set[str] = set()  # products added since the chain was fitted
 
     def available(self) -> str | None:
         """Always available: every source answers from memory."""
         return None
+
+    def add_item(self, item_id: str) -> None:
+        """A product posted while serving: retrieval places it until the chain is refitted."""
+        if self.chain.pipeline.snapshot is None or item_id not in self.chain.pipeline.snapshot.index:
+            self.posted.add(item_id)
+
+    def remove_item(self, item_id: str) -> None:
+        """A product deleted while serving."""
+        self.posted.discard(item_id)
+
+    def _with_posted(self, request: StageRequest, ranked: list[Scored]) -> list[Scored]:
+        if not self.posted or self.retrieval is None or self.retrieval.available() is not None:
+            return ranked
+        if not (request.history or request.cart or request.context):
+            return ranked
+        near = self.retrieval.recommend(request)
+        out = list(ranked)
+        for slot, got in enumerate(near):
+            if got.item_id in self.posted and got.item_id not in {s.item_id for s in out}:
+                out.insert(min(slot, len(out)), Scored(got.item_id, got.score, self.name,
+                                                       "new in: close to " + _seed_words(request), "new:posted"))
+        return out[: request.k]
 
     def recommend(self, request: StageRequest) -> list[Scored]:
         """The chain's top ``request.k`` for the request as a query (history, cart, profile, context)."""
@@ -445,4 +474,12 @@ class RankedStage:
         if not request.filters.is_empty():  # rank deeper, keep what passes the filters
             ranked = [r for r in self.chain.rank([query], 10 * request.k, exclude=[request.exclude])[0]
                       if (e := self.entries.get(r.item_id)) is not None and e.passes(request.filters)][: request.k]
-        return [Scored(r.item_id, r.score, self.name, reason_for(r.source, query), r.source) for r in ranked]
+        scored = [Scored(r.item_id, r.score, self.name, reason_for(r.source, query), r.source) for r in ranked]
+        return self._with_posted(request, scored)
+
+
+def _seed_words(request: StageRequest) -> str:
+    """What a posted product was found near, in the shopper's terms."""
+    if request.cart:
+        return "your cart"
+    return "what you bought" if request.history else "what you asked for"

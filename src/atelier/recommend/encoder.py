@@ -49,11 +49,13 @@ def catalogue_inputs(
 
 def catalogue_vectors(checkpoint: Path, data: TrainData, vectors_file: Path | None = None) -> np.ndarray:
     """Every catalogue item's vector under a checkpoint, in ``data.items`` order: read from ``vectors_file``
-    (``atelier encode``'s output of that checkpoint) when it holds this catalogue, else encoded now."""
+    (``atelier encode``'s output of that checkpoint) when it holds every item of this catalogue, else encoded now
+    (without the enriched item JSON: pass a vectors file for an enriched catalogue)."""
     if vectors_file is not None and vectors_file.is_file():
         blob = np.load(vectors_file)
-        if [str(i) for i in blob["item_ids"]] == data.items["item_id"].astype(str).tolist():
-            return np.asarray(blob["vectors"], dtype=np.float32)
+        rows = pd.Index([str(i) for i in blob["item_ids"]]).get_indexer(data.items["item_id"].astype(str))
+        if (rows >= 0).all():  # the same catalogue, or a part of it (a label period's items as of its cut)
+            return np.asarray(blob["vectors"], dtype=np.float32)[rows]
     model, payload = load_checkpoint(checkpoint)
     vectors: np.ndarray = encode_items(model, catalogue_inputs(data.items, data.dataset,
                                                               Vocab.from_dict(payload["vocab"]), data.cache_dir))

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from atelier.recommend.candidates import CandidateSet
+from atelier.recommend.sources import log_rows
 from atelier.recommender import Query, TrainData
 
 MAX_SEEDS = 16  # the most recent items and cart a similarity looks at (older ones say little about today)
@@ -47,13 +48,8 @@ class Snapshot:
     def build(cls, data: TrainData, window_days: float, codes: Mapping[str, np.ndarray],
               vectors: Mapping[str, np.ndarray]) -> Snapshot:
         """Statistics of ``data.interactions`` over ``data.items`` (codes and vectors in catalogue order)."""
-        ids = data.items["item_id"].astype(str).to_numpy()
-        index = {item: i for i, item in enumerate(ids)}
+        ids, index, log, rows = log_rows(data)
         n = len(ids)
-        log = data.interactions
-        rows = log["item_id"].astype(str).map(index)
-        ok = rows.notna().to_numpy()
-        log, rows = log[ok], rows[ok].astype(np.int64).to_numpy()
         end = log["ts"].max() if len(log) else pd.Timestamp(0)
         days = ((end.normalize() - log["ts"].dt.normalize()).dt.days).to_numpy().astype(np.float32)
         pop_all = np.bincount(rows, minlength=n).astype(np.float32)

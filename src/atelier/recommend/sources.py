@@ -26,6 +26,16 @@ from atelier.recommender import Query, Recommender, TrainData, fill
 Candidates = list[tuple[str, float]]
 
 
+def log_rows(data: TrainData) -> tuple[np.ndarray, dict[str, int], pd.DataFrame, np.ndarray]:
+    """The catalogue's ids (object array), their row numbers, and the log's interactions with a catalogue item
+    together with that item's row (interactions naming an item the catalogue lacks are left out)."""
+    item_ids = np.array([str(i) for i in data.items["item_id"]], dtype=object)
+    index = {item: i for i, item in enumerate(item_ids)}
+    rows = data.interactions["item_id"].astype(str).map(index)
+    ok = rows.notna().to_numpy()
+    return item_ids, index, data.interactions[ok], rows[ok].astype(np.int64).to_numpy()
+
+
 @dataclass
 class LogIndex:
     """What the log-based sources share, computed once per training window."""
@@ -41,13 +51,8 @@ class LogIndex:
     @classmethod
     def build(cls, data: TrainData, window_days: float | None) -> LogIndex:
         """Counts of ``data.interactions`` over the catalogue ``data.items``."""
-        item_ids = np.array([str(i) for i in data.items["item_id"]], dtype=object)
-        index = {item: i for i, item in enumerate(item_ids)}
+        item_ids, index, log, rows = log_rows(data)
         n = len(item_ids)
-        log = data.interactions
-        rows = log["item_id"].astype(str).map(index)
-        ok = rows.notna().to_numpy()
-        log, rows = log[ok], rows[ok].astype(np.int64).to_numpy()
         total = np.bincount(rows, minlength=n).astype(np.float64)
         recent = np.ones(len(rows), dtype=bool)
         if window_days is not None and len(log):

@@ -26,7 +26,15 @@ from atelier.datasets import current_data, rules_for
 from atelier.ingest import load_tables
 from atelier.models.item_tower import CheckpointError
 from atelier.recommend.baselines import profile_keys
-from atelier.recommend.chain import PopularLists, Stage, TwoTowerStage, popular_lists, run_chain, stage_request
+from atelier.recommend.chain import (
+    PopularLists,
+    RankedStage,
+    Stage,
+    TwoTowerStage,
+    popular_lists,
+    run_chain,
+    stage_request,
+)
 from atelier.recommend.encoder import ItemEncoder, file_id
 from atelier.recommender import TrainData
 from atelier.schema import ItemJSON, load_schema
@@ -467,6 +475,9 @@ class RecommendService:
         # item row + vectors in one transaction; in the two-tower keys [v, b] a new item has b = log(1 + 0)
         also = {stage.model_id: np.append(vector, 0.0) for stage in self.stages if isinstance(stage, TwoTowerStage)}
         store.upsert_item(item, self.model_id, vector, also=also)
+        for stage in self.stages:
+            if isinstance(stage, RankedStage):
+                stage.add_item(item.item_id)
         timings["upsert_ms"] = 1000 * (time.perf_counter() - t)
         return IngestResponse(item=item.model_dump(mode="json"), model_id=self.model_id, enricher=enricher_name,
                               issues=issues, timings_ms={k: round(v, 2) for k, v in timings.items()})
@@ -477,6 +488,9 @@ class RecommendService:
             raise ServiceError(404, f"unknown item id {item_id!r}")
         self.shop.popular.entries.pop(item_id, None)
         self.shop.popular_docs.pop(item_id, None)
+        for stage in self.stages:
+            if isinstance(stage, RankedStage):
+                stage.remove_item(item_id)
 
 
 

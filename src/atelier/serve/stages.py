@@ -83,7 +83,8 @@ def _ranked(ctx: StageContext) -> Stage | None:
         log.warning("ranking chain not loaded: %s", exc)
         return None
     items = dataset_items(data.items, ctx.dataset, enriched=settings.paths.items(ctx.dataset, "enriched"))
-    return RankedStage(chain, {item.item_id: PopularEntry.of(item) for item in items})
+    # content kNN places products posted after the chain was fitted (at their retrieval slot)
+    return RankedStage(chain, {item.item_id: PopularEntry.of(item) for item in items}, ctx.built.get("content"))
 
 
 def _two_tower(ctx: StageContext) -> Stage | None:
