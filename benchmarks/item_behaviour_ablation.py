@@ -25,37 +25,23 @@ from pathlib import Path
 
 from atelier.atomic import write_json
 from atelier.config import Settings
-from atelier.datasets import rules_for, time_split, train_data
+from atelier.datasets import rules_for
 from atelier.evaluate import evaluate, git_commit, machine
-from atelier.ingest import load_tables
-from atelier.models.item_tower import load_checkpoint, save_checkpoint
-from atelier.pipeline.item_tower import encode_stage
+from atelier.pipeline.item_tower import encode_stage, tune_item_stage
 from atelier.recommend.content import ItemTowerRecommender
-from atelier.recommend.encoder import catalogue_inputs, file_id
+from atelier.recommend.encoder import file_id
 from atelier.recommender import Recommender
-from atelier.train.item import BehaviourConfig, behaviour_finetune, behaviour_pairs
-from atelier.vocab import Vocab
+from atelier.train.item import BehaviourConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def tune(settings: Settings, dataset: str, cfg: BehaviourConfig) -> tuple[Path, dict[str, object]]:
-    """The behaviour-tuned copy of the SimCSE tower (training window of the default split only)."""
-    source = settings.paths.item_tower_simcse(dataset)
-    out = source.with_name(f"item_tower-{dataset}-behaviour.pt")
-    model, payload = load_checkpoint(source)
-    vocab = Vocab.from_dict(payload["vocab"])
-    items, interactions, users = load_tables(settings.paths.dataset(dataset))
-    data = train_data(time_split(dataset, interactions), items, users, settings.paths.features)
-    pairs, kinds = behaviour_pairs(data, seed=cfg.seed)
-    inputs = catalogue_inputs(items, dataset, vocab, settings.paths.features,
-                              enriched=settings.paths.items(dataset, "enriched"))
+    """The behaviour-tuned copy of the SimCSE tower (training window of the default split only), beside it."""
+    out = settings.paths.item_tower_simcse(dataset).with_name(f"item_tower-{dataset}-behaviour.pt")
     t0 = time.perf_counter()
-    model, history = behaviour_finetune(model, inputs, pairs, cfg)
-    history.update(pair_kinds=kinds, seconds=round(time.perf_counter() - t0, 1))
-    save_checkpoint(model.cpu(), out, vocab.to_dict(), {"dataset": dataset, "history": history,
-                                                        "stages": ["simcse", "behaviour"]})
-    return out, history
+    path, history = tune_item_stage(settings, dataset, cfg, out=out)
+    return path, {**history, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def models(settings: Settings, dataset: str, label: str, checkpoint: Path) -> list[Recommender]:

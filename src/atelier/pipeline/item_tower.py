@@ -61,9 +61,9 @@ def train_item_stage(
 
 
 def tune_item_stage(settings: Settings, dataset: str, cfg: BehaviourConfig, *, cut: str | None = None,
-                    progress: ProgressFn | None = None) -> tuple[Path, dict[str, Any]]:
+                    progress: ProgressFn | None = None, out: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Fine-tune the SimCSE tower on behaviour pairs of the evaluation split's training window (its default
-    cut, or ``cut``: nothing after it) and save it as the dataset's served tower."""
+    cut, or ``cut``: nothing after it) and save it as the dataset's served tower (or at ``out``)."""
     source = settings.paths.item_tower_simcse(dataset)
     if not source.is_file():
         raise FileNotFoundError(f"no SimCSE tower for {dataset} at {source}; run `atelier train item -d {dataset}`")
@@ -76,7 +76,7 @@ def tune_item_stage(settings: Settings, dataset: str, cfg: BehaviourConfig, *, c
                               enriched=settings.paths.items(dataset, "enriched"))
     model, history = behaviour_finetune(model, inputs, pairs, cfg, progress)
     history.update(pair_kinds=kinds, train_end=str(data.interactions["ts"].max()), simcse=payload.get("history"))
-    path = settings.paths.item_tower(dataset)
+    path = out or settings.paths.item_tower(dataset)
     save_checkpoint(model.cpu(), path, vocab.to_dict(), {"dataset": dataset, "history": history,
                                                          "stages": ["simcse", "behaviour"]})
     return path, history
