@@ -95,12 +95,48 @@ def test_search_browse_and_filters(client: TestClient) -> None:
     assert front["source"] == "popular" and front["items"]
     found = client.get("/items", params={"query": "top", "limit": 5}).json()
     assert found["source"] == "search" and 0 < len(found["items"]) <= 5
-    assert all("top" in (i["title"] + i["description"]).lower() for i in found["items"])
+    assert all("top" in (i["title"] + i["description"]).lower() or i["attributes"]["category"][0].startswith("02top")
+               for i in found["items"])
     dresses = client.get("/items", params={"category": "dress"}).json()["items"]
     assert dresses and all(i["attributes"]["category"] == ["04onepiece_01dress"] for i in dresses)
     bad = client.get("/items", params={"category": "spaceship"})
     assert bad.status_code == 422 and "category" in bad.json()["detail"]
     assert client.get("/items", params={"limit": 0}).status_code == 422
+
+
+def test_search_is_ranked_and_says_by_what(client: TestClient, service: RecommendService,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    found = client.get("/items", params={"query": "jersy top", "limit": 8}).json()
+    assert found["corrections"] == {"jersy": "jersey"} and not found["notes"]
+    assert found["ranked_by"] == ["text: all words", f"vector: {service.model_id}", "popularity"]
+    assert all("jersey" in (i["title"] + i["description"]).lower() for i in found["items"])
+    # no item tower: the page still answers, and says the vector part did not run
+    monkeypatch.setattr(service, "encoder", None)
+    monkeypatch.setattr(service, "ingest_blocker", "no item tower checkpoint at models/hm.pt")
+    textual = client.get("/items", params={"query": "jersey top", "limit": 8}).json()
+    assert textual["ranked_by"] == ["text: all words", "popularity"]
+    assert textual["notes"] == ["ranked without the vector search: no item tower checkpoint at models/hm.pt"]
+
+
+def test_prices_are_labelled_and_kept_raw(client: TestClient) -> None:
+    items = client.get("/items", params={"limit": 50}).json()["items"]
+    priced = [i for i in items if i["price"] is not None]
+    assert priced, "the popular items have prices from their sales"
+    for item in priced:
+        assert 1 <= item["price_level"] <= 5 and item["price_label"] == f"price level {item['price_level']} of 5"
+        assert 0 < item["price"] < 1, "the raw normalised H&M price is kept"
+    assert {i["price_level"] for i in priced} != {priced[0]["price_level"]}, "levels spread over the catalogue"
+    one = client.get(f"/items/{priced[0]['item_id']}").json()
+    assert one["price_label"] == priced[0]["price_label"]
+
+
+def test_a_catalogue_with_a_currency_shows_the_amount() -> None:
+    from atelier.serve.schemas import Item, show_prices
+
+    items = [Item(item_id="a", price=1234.5), Item(item_id="b")]
+    show_prices(items, lambda price: None if price is None else 4, "EUR")
+    assert (items[0].price, items[0].price_level, items[0].price_label) == (1234.5, 4, "1,234.50 EUR")
+    assert items[1].price_level is None and items[1].price_label is None
 
 
 def test_similar(client: TestClient, catalogue_ids: list[str]) -> None:
@@ -126,7 +162,10 @@ def test_recommend_cart_is_content_with_explanations(client: TestClient, catalog
     content = [i for i in res["items"] if i["stage"] == "content"]
     assert content and all(i["score"] is not None for i in content)
     assert any(s["source"] == "cart" for i in content for s in i["explanation"]["shared"])
-    assert "cart" in content[0]["explanation"]["reason"]
+    for item in content:  # one plain sentence; the model's detail in its own fields
+        why = item["explanation"]
+        assert "in your cart" in why["reason"] and why["signal"] in ("similar", "colourway"), why
+        assert why["stage"] == "content" and "item tower" in why["detail"] and "item tower" not in why["reason"]
     assert res["stages"][0] == {"name": "content", "status": "served", "detail": "", "items": len(content)}
 
 
@@ -134,7 +173,18 @@ def test_recommend_anonymous_is_popularity(client: TestClient) -> None:
     res = client.post("/recommend", json={"k": 5, "profile": {"height_cm": 170, "weight_kg": 60, "age": 30}}).json()
     assert res["stage"] == "popularity" and len(res["items"]) == 5
     assert res["stages"][0]["name"] == "content" and res["stages"][0]["status"] == "skipped"
-    assert all(i["score"] is None and "most bought" in i["explanation"]["reason"] for i in res["items"])
+    assert all(i["score"] is None and i["explanation"]["reason"] == "popular this week" for i in res["items"])
+    assert all("most bought" in i["explanation"]["detail"] for i in res["items"])
+
+
+def test_reasons_never_tell_an_anonymous_shopper_what_they_bought(client: TestClient,
+                                                                  service: RecommendService) -> None:
+    user, history = next((u, h) for u, h in service.shop.histories.items() if len(h) >= 2)
+    known = client.post("/recommend", json={"user_id": user, "k": 6}).json()["items"]
+    assert all("bought" in i["explanation"]["reason"] for i in known), [i["explanation"] for i in known]
+    viewed = client.post("/recommend", json={"recent_item_ids": list(history), "k": 6}).json()["items"]
+    reasons = [i["explanation"]["reason"] for i in viewed]
+    assert all("looked at" in r and "bought" not in r for r in reasons), reasons
 
 
 def test_recommend_known_user_excludes_history_when_asked(client: TestClient, service: RecommendService) -> None:
@@ -254,6 +304,56 @@ def test_enrichment_failure_stores_nothing(client: TestClient, service: Recommen
     records = [json.loads(line) for line in service.settings.paths.serve_errors.read_text().splitlines()]
     assert records[-1]["item_id"] == "fails-1" and "timed out" in records[-1]["error"]
     assert API_KEY not in service.settings.paths.serve_errors.read_text()
+
+
+# --- the merchandiser's view -------------------------------------------------------------------
+
+
+def test_merchandiser_view_of_a_product(client: TestClient, serve_settings: Settings) -> None:
+    items = pd.read_parquet(serve_settings.paths.dataset("hm") / "items.parquet")
+    group = items["group_id"].value_counts().index[0]  # the product with the most colourways
+    product_ids = items.loc[items["group_id"] == group, "item_id"].astype(str).tolist()
+    cart = [str(items["item_id"].iloc[-1])]
+    answer = client.post("/recommend", json={"cart": cart, "k": 5}).json()
+    shown = answer["items"][0]["item_id"]
+    assert client.get(f"/items/{shown}/merchandising").status_code == 401
+    view = client.get(f"/items/{shown}/merchandising", headers=AUTH).json()
+    assert view["carts"][0]["cart"] == cart and view["carts"][0]["times"] >= 1, view["carts"]
+    assert view["carts"][0]["titles"][0] == items["title"].iloc[-1]
+    assert view["neighbours"] and "recommendations.jsonl" in view["log"]
+    # no enrichment report in this run: every value came from the catalogue's columns
+    assert view["origins"] and {o["origin"] for o in view["origins"]} == {"columns"}
+    assert "no enrichment report" in view["provenance"]
+    siblings = client.get(f"/items/{product_ids[0]}/merchandising", headers=AUTH).json()["colourways"]
+    assert sorted(i["item_id"] for i in siblings) == sorted(product_ids[1:])
+
+
+def test_preview_shows_the_enrichers_attributes_and_stores_nothing(client: TestClient) -> None:
+    body = product("preview-1", attributes={"color": ["navy"]})
+    assert client.post("/items/preview", json=body).status_code == 401
+    res = client.post("/items/preview", json=body, headers=AUTH)
+    assert res.status_code == 200, res.text
+    origins = {o["field"]: o for o in res.json()["origins"]}
+    assert origins["category"]["values"] == ["04onepiece_01dress"] and origins["category"]["origin"] == "columns"
+    assert origins["color"]["values"] == ["navy"] and origins["color"]["origin"] == "given"
+    assert res.json()["enricher"] == "columns"
+    assert client.get("/items/preview-1").status_code == 404
+
+
+def test_attribute_origins_name_the_enrichment_method_and_model() -> None:
+    from atelier.serve.products import attribute_origins
+
+    doc = {"clothes": {"category": ["04onepiece_01dress"], "color": ["black"], "season": ["unknown"]},
+           "reinforced_feature_value": {"detail.re": ["puff sleeve"]}}
+    sources = {"color": {"method": "tfidf-lr", "model_id": "tfidf-lr@1"}, "re": {"backend": "phrases"}}
+    found = {o.field: o for o in attribute_origins(doc, {"category": ["04onepiece_01dress"]}, sources=sources,
+                                                   enricher="hybrid@c9")}
+    assert found["category"].origin == "columns" and "season" not in found
+    assert (found["color"].origin, found["color"].method, found["color"].model_id) == ("enricher", "tfidf-lr",
+                                                                                     "tfidf-lr@1")
+    assert (found["detail.re"].kind, found["detail.re"].method, found["detail.re"].model_id) == ("re", "phrases",
+                                                                                               "hybrid@c9")
+    assert {o.origin for o in attribute_origins(doc, None)} == {"posted"}
 
 
 # --- degraded modes ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The app runs under uvicorn on a free loopback port in a thread, over the same tiny run and
 embedded PostgreSQL as the API tests. The test loads the page, browses, sets a profile and
 context, gets recommendations, adds to the cart, and adds a product through the merchandiser form,
-then saves a screenshot to ``runs/screenshots/web.png`` (or ``$ATELIER_SCREENSHOT_DIR/web.png``).
+then saves a screenshot to ``runs/screenshots/web.png`` (or ``$ATELIER_SCREENSHOT_DIR/web.png``); then opens
+the merchandiser's view of a product (``product.png``).
 Never ``playwright install``: the browser is the Debian package (``.ci/run`` installs it).
 """
 
@@ -77,11 +78,18 @@ def test_page_profile_recommend_and_add_product(base_url: str) -> None:
             page.wait_for_selector("body[data-ready='1']", timeout=20_000)
             expect(page.locator("#results .card").first).to_be_visible()
             expect(page.locator("#ready")).to_contain_text("content")
+            # prices as a relative level, clearly labelled (H&M's own numbers are normalised)
+            expect(page.locator("#results .card .price").first).to_contain_text("price level")
 
-            # search with a category picked from /meta
-            page.fill("#q", "top")
+            # a ranked search, a misspelt word corrected
+            page.fill("#q", "jersy top")
             page.click("#search-form button[type=submit]")
             expect(page.locator("#browse-status")).to_contain_text("items found")
+            expect(page.locator("#browse-status")).to_contain_text('searched "jersey" for "jersy"')
+            expect(page.locator("#browse-status")).to_contain_text("ranked by text + vector + popularity")
+            page.fill("#q", "top")
+            page.click("#search-form button[type=submit]")
+            expect(page.locator("#browse-status")).not_to_contain_text("jersy")
 
             # a profile and an occasion, no cart: popularity answers (content has nothing to start from)
             page.fill("#height", "168")
@@ -98,7 +106,13 @@ def test_page_profile_recommend_and_add_product(base_url: str) -> None:
             page.click("#recommend-btn")
             expect(page.locator("#rec-status")).to_contain_text('stage "content"')
             expect(page.locator("#rec-status")).to_contain_text("context understood as")
-            expect(page.locator("#recs .card .why").first).to_contain_text("close to your cart")
+            # one plain sentence per item; the model's detail behind "why?"
+            expect(page.locator("#recs .card .why").first).to_contain_text("in your cart")
+            detail = page.locator("#recs .card details.model").first
+            expect(detail.locator("dl")).to_be_hidden()
+            detail.locator("summary").click()
+            expect(detail.locator("dl")).to_contain_text("content")
+            expect(detail.locator("dl")).to_contain_text("item tower")
 
             # similar items of a result
             page.locator("#results .card .show-similar").first.click()
@@ -112,6 +126,10 @@ def test_page_profile_recommend_and_add_product(base_url: str) -> None:
             page.select_option("#new-category", "04onepiece_01dress")
             page.select_option("#new-color", "green")
             page.fill("#new-price", "0.05")
+            # the enricher's attributes before the product goes live
+            page.click("#preview-product")
+            expect(page.locator("#merch-preview")).to_contain_text("would store (not live yet)")
+            expect(page.locator("#merch-preview tr.origin-given").last).to_contain_text("green")
             page.click("#add-product")
             status = page.locator("#merch-status")
             expect(status).to_contain_text("Added web-new-1", timeout=20_000)
@@ -119,6 +137,13 @@ def test_page_profile_recommend_and_add_product(base_url: str) -> None:
             expect(page.locator("#recs .card.new")).to_have_count(1)
             SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT_DIR / "web.png"), full_page=True)
+
+            # the merchandiser's view of a catalogue product: origins, colourways, neighbours, carts
+            page.locator("#results .card .show-product").first.click()
+            expect(page.locator("#product")).to_contain_text("Colourways")
+            expect(page.locator("#product table.origins")).to_contain_text("columns")
+            expect(page.locator("#product")).to_contain_text("Recommended most to these carts")
+            page.locator("#product-panel").screenshot(path=str(SCREENSHOT_DIR / "product.png"))
 
             # a wrong key is refused with the server's message
             page.fill("#api-key", "wrong")

@@ -129,3 +129,8 @@ class RunPaths:
     def serve_errors(self) -> Path:
         """Failed ingests of the web service, one JSON line each."""
         return self.root / "serve" / "ingest-errors.jsonl"
+
+    @property
+    def recommendation_log(self) -> Path:
+        """The web service's answers to shoppers with a cart (cart, items, stage; no user id), one JSON line each."""
+        return self.root / "serve" / "recommendations.jsonl"

@@ -85,7 +85,7 @@ def _fast_grammar_sampler(llm: Any, top_k: int) -> Callable[..., Any]:
             raise BackendError("llama.cpp could not parse the answer grammar")
         small = (llama_cpp.llama_token_data * top_k)()
         small_arr = llama_cpp.llama_token_data_array(data=small, size=top_k, selected=-1, sorted=False)
-        small_np = np.frombuffer(small, dtype=_TOKEN_DTYPE)  # type: ignore[call-overload]
+        small_np = np.frombuffer(small, dtype=_TOKEN_DTYPE)  # type: ignore[call-overload, unused-ignore]  # typed only with the llm extra
 
         def apply(cur_p: Any) -> None:
             size = cur_p.contents.size
@@ -169,7 +169,7 @@ class EmbeddedExtractor(Extractor):
             except (ValueError, RuntimeError, OSError) as exc:
                 raise BackendUnavailable(f"llama.cpp could not load the model {path}: {exc}") from exc
             if self.grammar_top_k:
-                llm._init_sampler = _fast_grammar_sampler(llm, self.grammar_top_k)  # type: ignore[method-assign]
+                llm._init_sampler = _fast_grammar_sampler(llm, self.grammar_top_k)  # type: ignore[method-assign, unused-ignore]
             self._llm = llm
         return self._llm
 

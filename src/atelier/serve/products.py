@@ -7,6 +7,10 @@ the schema. ``ATELIER_SERVE_ENRICHER=llm`` selects ``LLMEnricher`` (columns, the
 ``ATELIER_LLM_BACKEND`` through ``atelier.enrich``); other enrichers register a factory under a
 name (``register_enricher``); nothing else changes.
 
+``attribute_origins`` says where each field of a product came from (catalogue columns, the enrichment
+stage with its method and model id, the merchandiser's values): the merchandiser's view and the preview
+of a posted product show it.
+
 ``ItemEncoder`` encodes item JSON exactly as ``atelier encode`` does (MiniLM vector of title +
 description as the text token, the checkpoint's own vocabulary for STD/RE ids), so a new product
 lands in the same space as the indexed catalogue and is recommendable as soon as it is upserted.
@@ -14,16 +18,17 @@ lands in the same space as the indexed catalogue and is recommendable as soon as
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol
 
 import pandas as pd
 
 from atelier.catalogue import column_items
 from atelier.config import Settings
 from atelier.enrich import enrich_product, get_extractor
-from atelier.schema import ItemJSON, Service, load_schema
-from atelier.serve.schemas import ProductIn
+from atelier.schema import UNKNOWN, ItemJSON, Service, load_schema
+from atelier.serve.schemas import AttributeOrigin, ProductIn
 
 
 class EnrichError(RuntimeError):
@@ -109,5 +114,56 @@ def make_enricher(name: str, dataset: str, settings: Settings) -> Enricher:
     return factory(dataset, settings)
 
 
+# --- where attributes came from ---------------------------------------------------------------
 
+
+def enrichment_sources(settings: Settings, dataset: str) -> tuple[str | None, dict[str, Any]]:
+    """The enrichment stage's model id and per-field sources (its report ``runs/reports/enrich-<dataset>.json``:
+    method, backend and model id of each STD field and of the RE phrases), or (None, {}) without a report."""
+    path = settings.paths.reports / f"enrich-{dataset}.json"
+    if not path.is_file():
+        return None, {}
+    report = json.loads(path.read_text(encoding="utf-8"))
+    return report.get("model_id"), dict(report.get("sources") or {})
+
+
+def column_values(catalogue: pd.DataFrame | None, dataset: str, item_id: str) -> dict[str, list[str]] | None:
+    """The STD values the dataset's column mapping gives a catalogue row; None when the item is not a row
+    of ``catalogue`` (a product posted to the service)."""
+    if catalogue is None or catalogue.empty:
+        return None
+    row = catalogue[catalogue["item_id"].astype(str) == item_id]
+    return column_items(row.head(1), dataset)[0].clothes if len(row) else None
+
+
+def attribute_origins(
+    item: Mapping[str, Any], columns: Mapping[str, list[str]] | None, *, given: Mapping[str, list[str]] | None = None,
+    enricher: str | None = None, sources: Mapping[str, Any] | None = None,
+) -> list[AttributeOrigin]:
+    """Each field's origin: the merchandiser's ``given`` values, else the ``columns`` when they hold every value,
+    else the enricher (method and model id from ``sources``, else ``enricher``); with ``columns`` None (a
+    posted product, whose split was not kept) every field is "posted"."""
+    sources = sources or {}
+    out: list[AttributeOrigin] = []
+
+    def enriched(name: str, values: list[str], kind: Literal["std", "re"]) -> AttributeOrigin:
+        src = sources.get(name if kind == "std" else "re") or {}
+        return AttributeOrigin(field=name, values=values, kind=kind,
+                               origin="posted" if columns is None and given is None else "enricher",
+                               method=src.get("method") or src.get("backend"), model_id=src.get("model_id") or enricher)
+
+    for name, raw in (item.get("clothes") or {}).items():
+        values = [v for v in raw or [] if v != UNKNOWN]
+        if not values:
+            continue
+        if given and sorted(given.get(name) or []) == sorted(values):
+            out.append(AttributeOrigin(field=name, values=values, kind="std", origin="given"))
+        elif columns is not None and set(values) <= set(columns.get(name) or []):
+            out.append(AttributeOrigin(field=name, values=values, kind="std", origin="columns"))
+        else:
+            out.append(enriched(name, values, "std"))
+    for name, raw in (item.get("reinforced_feature_value") or {}).items():
+        if raw:
+            out.append(enriched(name, list(raw), "re"))
+    return out
 

@@ -7,12 +7,14 @@ normalised (synonyms such as "dress" become "04onepiece_01dress").
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from atelier.ingest import PROFILE_RANGES
 from atelier.schema import load_schema
+from atelier.store.items import PRICE_LEVELS
 
 ItemId = str  # validated where it enters (Field constraints below)
 ITEM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"  # safe in URLs, SQL params and file names
@@ -192,7 +194,13 @@ class Item(BaseModel):
     item_id: str
     title: str = ""
     description: str = ""
-    price: float | None = None
+    price: float | None = Field(default=None, description="the catalogue's own number, as stored (H&M's are "
+                                                          "normalised: not an amount of money)")
+    price_level: int | None = Field(default=None, ge=1, le=PRICE_LEVELS,
+                                    description=f"1 (the cheapest fifth of the catalogue) .. {PRICE_LEVELS} (the "
+                                                "dearest fifth); none when the price or the store is missing")
+    price_label: str | None = Field(default=None, description="the price as a shop shows it: the amount and "
+                                                              "currency when the catalogue has one, else the level")
     group_id: str | None = None
     attributes: dict[str, list[str]] = Field(default_factory=dict)
     re_attributes: dict[str, list[str]] = Field(default_factory=dict)
@@ -213,6 +221,28 @@ class ItemPage(BaseModel):
     items: list[Item]
     next_offset: int | None
     source: Literal["search", "popular"]
+    ranked_by: list[str] = Field(default_factory=list, description=(
+        "the ranked lists fused into this order: 'text: all words' (or 'text: most words' when no item has "
+        "every word: items with any of them, most words first), 'vector: <model id>' (the query encoded as an "
+        "item), 'popularity' (ties); no vector entry means the semantic part did not run, and notes say why"))
+    corrections: dict[str, str] = Field(default_factory=dict, description="misspelt word -> the word searched")
+    notes: list[str] = Field(default_factory=list)
+
+
+# Catalogues whose prices are money, by dataset: ISO 4217 code. H&M's prices are normalised (0.0169), RentTheRunway
+# and Myntra have none, so the shipped datasets show a price level; a shop adds its catalogue here.
+CURRENCIES: dict[str, str] = {}
+
+
+def show_prices(items: Iterable[Item], level: Callable[[float | None], int | None], currency: str | None) -> None:
+    """Fill each item's price level (``level``: the catalogue's quantile of a price) and its label: the amount
+    in ``currency``, or, without one, "price level 3 of 5"."""
+    for item in items:
+        item.price_level = level(item.price)
+        if item.price is not None and currency:
+            item.price_label = f"{item.price:,.2f} {currency}"
+        elif item.price_level is not None:
+            item.price_label = f"price level {item.price_level} of {PRICE_LEVELS}"
 
 
 class SimilarItem(Item):
@@ -238,9 +268,15 @@ class SharedAttribute(BaseModel):
 
 
 class Explanation(BaseModel):
-    """Why an item was recommended: a sentence plus the attributes it shares."""
+    """Why an item was recommended: one sentence for the shopper, and the model's detail behind it."""
 
-    reason: str
+    reason: str = Field(description="one short sentence from the strongest signal that is true for this shopper")
+    signal: str = Field(default="", description=(
+        "what the sentence rests on: colourway, own, co-bought, new, similar, context, category-popularity, "
+        "popularity, occasion-popularity, profile-popularity"))
+    stage: str = Field(default="", description="the chain stage that served the item")
+    source: str | None = Field(default=None, description="the candidate source that proposed it (ranked stage)")
+    detail: str = Field(default="", description="the stage's own words (model detail, not for shoppers)")
     shared: list[SharedAttribute] = Field(default_factory=list)
 
 
@@ -272,6 +308,50 @@ class RecommendResponse(BaseModel):
     notes: list[str] = Field(default_factory=list)
     model_id: str | None = None
     elapsed_ms: float
+
+
+class AttributeOrigin(BaseModel):
+    """Where one field's values of a product came from."""
+
+    field: str
+    values: list[str]
+    kind: Literal["std", "re"]
+    origin: Literal["columns", "enricher", "given", "posted"] = Field(description=(
+        "columns: the catalogue's own columns through the dataset's mapping; enricher: the enrichment stage or "
+        "the service's enricher (method and model id say which); given: the merchandiser's STD values; posted: "
+        "a product posted to the service, whose split between columns and enricher was not kept"))
+    method: str | None = None
+    model_id: str | None = None
+
+
+class CartCount(BaseModel):
+    """A cart the product was recommended to, and how often, in the service's recommendation log."""
+
+    cart: list[str]
+    titles: list[str]
+    times: int
+
+
+class ProductView(BaseModel):
+    """A merchandiser's view of a product: its attributes and their origins, colourways, nearest items, and
+    the carts it was recommended to most."""
+
+    item: Item
+    origins: list[AttributeOrigin]
+    provenance: str = Field(description="what the origins were read from")
+    colourways: list[Item]
+    neighbours: list[SimilarItem]
+    carts: list[CartCount]
+    log: str = Field(description="the recommendation log read and how much of it")
+
+
+class PreviewResponse(BaseModel):
+    """What the enricher makes of a product before it goes live (nothing is stored or encoded)."""
+
+    item: dict[str, object]
+    enricher: str
+    issues: list[str]
+    origins: list[AttributeOrigin]
 
 
 class IngestResponse(BaseModel):

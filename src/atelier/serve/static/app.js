@@ -41,18 +41,41 @@ function chips(item, shared = []) {
   return box;
 }
 
+// The model's side of a recommendation (stage, candidate source, score, shared values, the stage's own
+// words), folded away behind "why?": the shopper reads the one plain sentence above it.
+function modelDetail(rec) {
+  const box = el("details", "model");
+  box.append(el("summary", null, "why?"));
+  const why = rec.explanation;
+  const rows = [["stage", why.stage], ["source", why.source || "—"], ["signal", why.signal],
+    ["score", rec.score === null ? "— (a popularity rank)" : rec.score.toFixed(3)]];
+  const shared = why.shared.map((s) => `${label(s.field, s.value)} (${s.source})`);
+  if (shared.length) rows.push(["shares", shared.join(", ")]);
+  if (why.detail) rows.push(["model says", why.detail]);
+  const list = el("dl");
+  for (const [k, v] of rows) list.append(el("dt", null, k), el("dd", null, v));
+  box.append(list);
+  return box;
+}
+
 function card(item, opts = {}) {
   const c = el(opts.tag || "div", "card");
   c.dataset.id = item.item_id;
   if (state.highlight && item.item_id === state.highlight) c.classList.add("new");
-  if (opts.stage) c.append(el("span", `stage ${opts.stage.split(":")[0]}`, opts.stage));
   c.append(el("h4", null, item.title || item.item_id));
-  const meta = [item.item_id];
-  if (item.price !== null && item.price !== undefined) meta.push(`price ${item.price}`);
-  if (opts.score !== undefined && opts.score !== null) meta.push(`score ${opts.score.toFixed(3)}`);
-  c.append(el("small", "muted", meta.join(" · ")));
+  const meta = el("small", "muted", item.item_id);
+  if (item.price_label) {
+    const price = el("span", "price", ` · ${item.price_label}`);
+    price.title = `catalogue price ${item.price} (H&M prices are normalised; the level is its fifth of the catalogue)`;
+    meta.append(price);
+  }
+  if (opts.score !== undefined && opts.score !== null && !opts.rec) meta.append(` · score ${opts.score.toFixed(3)}`);
+  c.append(meta);
   c.append(chips(item, opts.shared));
-  if (opts.why) c.append(el("p", "why", opts.why));
+  if (opts.rec) {
+    c.append(el("p", "why", opts.rec.explanation.reason));
+    c.append(modelDetail(opts.rec));
+  }
   const actions = el("div");
   const add = el("button", "add-cart", "Add to cart");
   add.type = "button";
@@ -60,7 +83,11 @@ function card(item, opts = {}) {
   const sim = el("button", "show-similar", "Similar");
   sim.type = "button";
   sim.addEventListener("click", () => showSimilar(item));
-  actions.append(add, sim);
+  const details = el("button", "show-product", "Details");
+  details.type = "button";
+  details.title = "the merchandiser's view (needs the API key)";
+  details.addEventListener("click", () => showProduct(item));
+  actions.append(add, sim, details);
   c.append(actions);
   return c;
 }
@@ -84,8 +111,12 @@ async function search(ev) {
   try {
     const page = await api("GET", `/items?${params}`);
     $("results").replaceChildren(...page.items.map((i) => card(i)));
-    $("browse-status").textContent = page.source === "popular"
-      ? `${page.items.length} popular items` : `${page.items.length} items found`;
+    const fixed = Object.entries(page.corrections || {}).map(([typed, used]) => `"${used}" for "${typed}"`);
+    $("browse-status").textContent = (page.source === "popular"
+      ? `${page.items.length} popular items` : `${page.items.length} items found`)
+      + (fixed.length ? `; searched ${fixed.join(", ")}` : "")
+      + (page.ranked_by && page.ranked_by.length ? ` · ranked by ${page.ranked_by.map((r) => r.split(":")[0]).join(" + ")}` : "")
+      + (page.notes && page.notes.length ? ` (${page.notes.join("; ")})` : "");
   } catch (e) {
     $("browse-status").textContent = `search failed: ${e.message}`;
   }
@@ -100,6 +131,54 @@ async function showSimilar(item) {
   } catch (e) {
     $("similar").replaceChildren(el("p", "error", e.message));
   }
+}
+
+// Attributes with where each came from: catalogue columns, the enricher (method, model id), the merchandiser.
+function originsTable(origins) {
+  const table = el("table", "origins");
+  const head = el("tr");
+  for (const h of ["field", "values", "from", "method · model"]) head.append(el("th", null, h));
+  table.append(head);
+  for (const o of origins) {
+    const row = el("tr", `origin-${o.origin}`);
+    row.append(el("td", null, `${o.kind === "re" ? "RE " : ""}${o.field}`), el("td", null, o.values.map((v) => label(o.field, v)).join(", ")),
+      el("td", null, o.origin), el("td", null, [o.method, o.model_id].filter(Boolean).join(" · ")));
+    table.append(row);
+  }
+  return table;
+}
+
+async function showProduct(item) {
+  const panel = $("product-panel");
+  panel.hidden = false;
+  $("product-of").textContent = item.title;
+  const body = $("product");
+  body.replaceChildren(el("p", "muted", "loading…"));
+  try {
+    const v = await api("GET", `/items/${encodeURIComponent(item.item_id)}/merchandising`, undefined, { "X-API-Key": $("api-key").value });
+    const carts = v.carts.length
+      ? v.carts.map((c) => el("li", null, `${c.titles.join(" + ")} — ${c.times}×`))
+      : [el("li", "muted", "not recommended to a cart yet")];
+    body.replaceChildren(
+      el("p", "muted", v.provenance), originsTable(v.origins),
+      el("h4", null, `Colourways (${v.colourways.length})`), grid(v.colourways.map((i) => card(i))),
+      el("h4", null, "Nearest items"), grid(v.neighbours.map((i) => card(i, { score: i.score }))),
+      el("h4", null, "Recommended most to these carts"), listOf(carts), el("p", "muted", v.log));
+  } catch (e) {
+    body.replaceChildren(el("p", "error", `${e.message} (the merchandiser's view needs the API key)`));
+  }
+}
+
+function grid(children) {
+  const g = el("div", "grid");
+  g.append(...children);
+  return g;
+}
+
+function listOf(children) {
+  const l = el("ul", "carts");
+  l.append(...children);
+  return l;
 }
 
 function num(id) {
@@ -125,9 +204,7 @@ async function recommend(ev, shopperText) {
   try {
     const res = await api("POST", "/recommend", body);
     $("degraded").hidden = !res.degraded;
-    $("recs").replaceChildren(...res.items.map((i) => card(i, {
-      tag: "li", stage: i.stage, score: i.score, why: i.explanation.reason, shared: i.explanation.shared,
-    })));
+    $("recs").replaceChildren(...res.items.map((i) => card(i, { tag: "li", rec: i, shared: i.explanation.shared })));
     const found = Object.entries(res.context_attributes).map(([f, v]) => `${f}=${v.map((x) => label(f, x)).join("/")}`);
     $("rec-status").textContent = `${res.items.length} items from stage "${res.stage}" in ${res.elapsed_ms} ms`
       + (found.length ? `; context understood as ${found.join(", ")}` : "")
@@ -139,14 +216,33 @@ async function recommend(ev, shopperText) {
   }
 }
 
-async function addProduct(ev) {
-  ev.preventDefault();
+function productForm() {
   const product = { item_id: $("new-id").value.trim(), title: $("new-title").value.trim(), description: $("new-desc").value.trim() };
   const attributes = {};
   if ($("new-category").value) attributes.category = [$("new-category").value];
   if ($("new-color").value) attributes.color = [$("new-color").value];
   if (Object.keys(attributes).length) product.attributes = attributes;
   if (num("new-price") !== null) product.price = num("new-price");
+  return product;
+}
+
+// What the enricher makes of the product, before it goes live: nothing is stored.
+async function previewProduct() {
+  if (!$("merch-form").reportValidity()) return;
+  $("merch-preview").replaceChildren(el("p", "muted", "asking the enricher…"));
+  try {
+    const res = await api("POST", "/items/preview", productForm(), { "X-API-Key": $("api-key").value });
+    const parts = [el("p", "muted", `${res.enricher} would store (not live yet):`), originsTable(res.origins)];
+    if (res.issues.length) parts.push(el("p", "warn", res.issues.join("; ")));
+    $("merch-preview").replaceChildren(...parts);
+  } catch (e) {
+    $("merch-preview").replaceChildren(el("p", "error", `preview failed: ${e.message}`));
+  }
+}
+
+async function addProduct(ev) {
+  ev.preventDefault();
+  const product = productForm();
   $("merch-status").textContent = "adding…";
   $("merch-status").className = "muted";
   const t0 = performance.now();
@@ -173,6 +269,7 @@ async function init() {
   $("search-form").addEventListener("submit", search);
   $("profile-form").addEventListener("submit", recommend);
   $("merch-form").addEventListener("submit", addProduct);
+  $("preview-product").addEventListener("click", previewProduct);
   $("clear-cart").addEventListener("click", () => { state.cart = []; renderCart(); });
   try {
     const meta = await api("GET", "/meta");
