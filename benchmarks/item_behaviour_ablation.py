@@ -63,20 +63,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pairs", type=int, default=BehaviourConfig.max_pairs)
     parser.add_argument("--epochs", type=int, default=BehaviourConfig.epochs)
     parser.add_argument("--max-users", type=int, default=None)
+    parser.add_argument("--device", default=BehaviourConfig.device, help="where the behaviour tuning runs")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--git-commit", default=None, help="the commit a copy without .git was made from")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = Settings.model_validate({"run_dir": args.run_dir})
-    cfg = BehaviourConfig(max_pairs=args.max_pairs, epochs=args.epochs)
+    commit = args.git_commit or git_commit()  # at the start: the code that ran
+    cfg = BehaviourConfig(max_pairs=args.max_pairs, epochs=args.epochs, device=args.device)
     tuned, history = tune(settings, args.dataset, cfg)
     print(f"tuned in {history['seconds']} s on {history['pairs']} pairs {history['pair_kinds']}", flush=True)
     suite = [*models(settings, args.dataset, "SimCSE", settings.paths.item_tower_simcse(args.dataset)),
              *models(settings, args.dataset, "SimCSE + behaviour", tuned)]
     report = evaluate(args.dataset, settings.paths.dataset(args.dataset), suite, settings.paths.features,
                       max_users=args.max_users, on_model=lambda m: print(m, flush=True))
-    out = RESULTS / f"item-behaviour-{date.today().isoformat()}-{args.dataset}.json"
+    out = args.out or RESULTS / f"item-behaviour-{date.today().isoformat()}-{args.dataset}.json"
     write_json(out, {"command": "python -m benchmarks.item_behaviour_ablation " + " ".join(sys.argv[1:]),
-                     "git_commit": git_commit(), "machine": machine(), "date": date.today().isoformat(),
-                     "behaviour": history, **report}, indent=2, default=float)
+                     "git_commit": commit, "machine": machine(), "device": _device_name(args.device),
+                     "date": date.today().isoformat(), "behaviour": history, **report}, indent=2, default=float)
     for name, m in report["models"].items():  # type: ignore[attr-defined]
         coh = m["cohorts"]
         print(f"{name:40s} MAP@12 all {coh['all']['map@12']:.4f} hist {coh['with_history']['map@12']:.4f} "
@@ -85,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{coh.get('cart', {}).get('cold_items', {}).get('recall@100', float('nan'))}")
     print(json.dumps({"result": str(out)}))
     return 0
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

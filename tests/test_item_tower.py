@@ -11,6 +11,7 @@ from atelier.models.item_tower import (
     ItemInputs,
     ItemTower,
     ItemTowerConfig,
+    compact,
     encode_items,
     item_inputs,
     load_checkpoint,
@@ -94,6 +95,21 @@ def test_views_are_complementary(vocab: Vocab) -> None:
     assert va.tokens.std_mask.sum() > vb.tokens.std_mask.sum()
     assert vb.tokens.re_mask.sum() > va.tokens.re_mask.sum()
     assert torch.equal(va.tokens.std_mask | vb.tokens.std_mask, x.tokens.std_mask)
+
+
+def test_compact_batches_encode_exactly_as_padded_ones(vocab: Vocab) -> None:
+    torch.manual_seed(0)
+    model = ItemTower(_config(vocab)).eval()
+    x = _inputs(vocab)
+    # a view masks tokens mid-row; this one keeps at most three of an item's four STD tokens
+    va, _ = make_views(x, ViewConfig(p_std=0.5), torch.Generator().manual_seed(3))
+    va.tokens.std_mask[:, 1] = False
+    small = compact(va)
+    assert small.tokens.std_ids.shape[1] < va.tokens.std_ids.shape[1]
+    assert torch.equal(small.tokens.std_mask.sum(1), va.tokens.std_mask.sum(1))
+    assert torch.equal(small.tokens.re_mask.sum(1), va.tokens.re_mask.sum(1))
+    with torch.inference_mode():
+        assert torch.allclose(model(small), model(va), atol=1e-5)
 
 
 PINNED = [-0.1509894, 0.5536135, 0.0453959, -0.1971134]
