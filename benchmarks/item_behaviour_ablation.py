@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(args.dataset, settings.paths.dataset(args.dataset), suite, settings.paths.features,
                       max_users=args.max_users, on_model=lambda m: print(m, flush=True))
     out = args.out or RESULTS / f"item-behaviour-{date.today().isoformat()}-{args.dataset}.json"
-    write_json(out, {"command": "python -m benchmarks.item_behaviour_ablation " + " ".join(sys.argv[1:]),
+    # the report's own provenance first, so this run's (the commit given by --git-commit) wins
+    write_json(out, {**report, "command": "python -m benchmarks.item_behaviour_ablation " + " ".join(sys.argv[1:]),
                      "git_commit": commit, "machine": machine(), "device": _device_name(args.device),
-                     "date": date.today().isoformat(), "behaviour": history, **report}, indent=2, default=float)
+                     "date": date.today().isoformat(), "behaviour": history}, indent=2, default=float)
     for name, m in report["models"].items():  # type: ignore[attr-defined]
         coh = m["cohorts"]
         print(f"{name:40s} MAP@12 all {coh['all']['map@12']:.4f} hist {coh['with_history']['map@12']:.4f} "

@@ -110,6 +110,10 @@ def test_compact_batches_encode_exactly_as_padded_ones(vocab: Vocab) -> None:
     assert torch.equal(small.tokens.re_mask.sum(1), va.tokens.re_mask.sum(1))
     with torch.inference_mode():
         assert torch.allclose(model(small), model(va), atol=1e-5)
+        # rows encoded in groups of similar length give the [CLS] outputs of one padded batch
+        tokens, pad = model.embed(va)
+        assert torch.allclose(model.encode_cls(tokens, pad), model.encoder(tokens, src_key_padding_mask=pad)[:, 0],
+                              atol=1e-5)
 
 
 PINNED = [-0.1509894, 0.5536135, 0.0453959, -0.1971134]

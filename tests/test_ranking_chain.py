@@ -195,6 +195,26 @@ def test_every_model_ranks_k_distinct_items(toy: tuple[TrainData, Path], model: 
         assert ranked[2] == rec.chain.pipeline.popular[:10]
 
 
+def test_pipeline_remembers_the_rows_of_recent_query_lists(toy: tuple[TrainData, Path]) -> None:
+    data, _ = toy
+    pipe = RankingPipeline(_spec(), SPACES).fit(data)
+    built: list[int] = []
+    generate = pipe.candidates
+    pipe.candidates = lambda qs: built.append(len(qs)) or generate(qs)  # type: ignore[method-assign]
+    queries = [Query("u3", history=("i13",)), Query("new", cart=("i20",))]
+    pipe.rows(queries)
+    pipe.rows(queries)
+    assert built == [2, 2]  # serving's default: nothing kept between requests
+    pipe.remember = 2
+    first = pipe.rows(queries)
+    again = pipe.rows(list(queries))  # an equal list: the same rows
+    assert built == [2, 2, 2] and again[0] is first[0] and again[1] is first[1]
+    pipe.rows([Query("u3", history=("i12",))])  # a different list is built ...
+    pipe.rows([Query("nobody")])  # ... and the oldest of the three falls out
+    pipe.rows(queries)
+    assert built == [2, 2, 2, 1, 1, 2]
+
+
 def test_best_source_scorer_orders_by_source_then_rank() -> None:
     class Cands:
         rank = np.array([[np.nan, 2.0], [0.0, np.nan], [1.0, 0.0], [np.nan, np.nan]], np.float32)

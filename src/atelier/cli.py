@@ -19,6 +19,7 @@ instead of first loading torch, DeepCTR and the sentence encoder.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,6 +89,25 @@ def stage_progress(title: str) -> Iterator[Progress]:
         console=console, transient=False, disable=not console.is_terminal and bool(os.environ.get("CI")),
     ) as progress:
         yield progress
+
+
+class StageClock:
+    """Wall-clock seconds per stage of a long command, in order (``lap`` closes the stage running since the last)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        """Close ``stage`` now: its seconds are the time since the previous lap."""
+        now = time.perf_counter()
+        self.stages[stage] = round(self.stages.get(stage, 0.0) + now - self.last, 1)
+        self.last = now
+
+    def record(self) -> dict[str, object]:
+        """Total seconds so far and the stages' seconds, with the machine's core count (the budget is per machine)."""
+        return {"seconds": round(time.perf_counter() - self.start, 1), "stages": dict(self.stages),
+                "cpu_count": os.cpu_count()}
 
 
 @app.callback()
@@ -568,14 +588,16 @@ def run_evaluate(
     return report, write_report(report, settings.paths.reports)
 
 
-def file_result(settings: Settings, report: dict[str, object], kind: str) -> Path:
+def file_result(settings: Settings, report: dict[str, object], kind: str,
+                extra: dict[str, object] | None = None) -> Path:
     """Copy an evaluation report to ``<results>/<kind>-<date>-<dataset>.json`` with the command that made it
     (the README's tables are generated from these files)."""
     import sys
     from datetime import date
 
     out = settings.result_files_dir() / f"{kind}-{date.today().isoformat()}-{report['dataset']}.json"
-    write_json(out, {"command": "atelier " + " ".join(sys.argv[1:]), **report}, indent=2, default=float)
+    write_json(out, {"command": "atelier " + " ".join(sys.argv[1:]), **report, **(extra or {})}, indent=2,
+               default=float)
     return out
 
 
@@ -751,32 +773,39 @@ def run_cmd(
     from atelier.train.user import TrainUserConfig
 
     settings = _settings(data_dir, run_dir)
+    clock = StageClock()
     if source is not None:
         results = [_run(lambda: ingest("custom", source, settings.paths.data, force=force))]
     else:
         data = _run(settings.require_data_dir)
         results = _run(lambda: run_ingest(settings, [n for n in DATASETS if (data / n).is_dir()], force))
     print_ingest(results)
+    clock.lap("ingest")
     names = [r.dataset for r in results]
     _, reports = _run(lambda: run_vocab(settings, names))
+    clock.lap("vocab")
     print_coverage(reports)
     for name in names:
         if not rules_for(name).own_item_tower:
             continue
         print_enrich(_run(lambda name=name: run_enrich_stage(settings, name, enrich_budget)))  # type: ignore[misc]
+        clock.lap(f"enrich {name}")
         if force or not settings.paths.item_tower(name).is_file():
             _, history = _run(lambda name=name: run_train_item(  # type: ignore[misc]
                 settings, name, TrainItemConfig(epochs=tower_epochs)))
             console.print(f"item tower {name}: {history['epochs'][-1]}")  # type: ignore[index]
+            clock.lap(f"item tower {name} (text vectors, SimCSE)")
         if _has_log(settings, name) and (force or not tuned(settings, name)):
             _, history = _run(lambda name=name: run_tune_item(settings, name, BehaviourConfig()))  # type: ignore[misc]
             console.print(f"item tower {name} tuned on {history['pairs']:,} behaviour pairs: "
                           f"{history['epochs'][-1]}")  # type: ignore[index]
+            clock.lap(f"behaviour tuning {name}")
         with stage_progress(f"encode {name}") as progress:
             progress.add_task("item vectors", total=None)
             vectors = _run(lambda name=name: encode_stage(settings, name))  # type: ignore[misc]
             _run(lambda name=name, vectors=vectors: neighbour_report(settings, name, vectors))  # type: ignore[misc]
         print_index(_run(lambda name=name: run_index(settings, name)))  # type: ignore[misc]
+        clock.lap(f"encode and index {name}")
     evaluated = []
     for name in names:
         if not _has_log(settings, name):
@@ -786,6 +815,7 @@ def run_cmd(
         console.print(f"user tower {name}: best epoch {user_history.get('best_epoch')}, validation recall@100 "
                       f"{user_history.get('best_val_recall@100', float('nan')):.4f}; store {user_index['model_id']}")
         evaluated.append(name)
+        clock.lap(f"user tower {name}")
     for name in evaluated:
         if force:
             settings.paths.ranker(name).unlink(missing_ok=True)
@@ -794,7 +824,9 @@ def run_cmd(
         report, path = _run(lambda name=name: run_evaluate(  # type: ignore[misc]
             settings, name, max_users=max_users, save_ranker=True))
         print_report(report)
-        filed = "" if source is not None else f"\nresult file: {file_result(settings, report, 'main-job')}"
+        clock.lap(f"ranking chain and evaluation {name}")
+        timing = {"run": clock.record()}  # the main job's time up to this report (the 30-minute promise)
+        filed = "" if source is not None else f"\nresult file: {file_result(settings, report, 'main-job', timing)}"
         console.print(f"report: {path}{filed}")
     shown = next((n for n in names if settings.paths.index_pointer(n).is_file()), names[0])
     console.print(

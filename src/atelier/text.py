@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from atelier.atomic import atomic_write
+from atelier.hardware import autocast_bf16
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -70,7 +72,9 @@ def encode_texts(
     """
     if not texts:
         return np.zeros((0, TEXT_DIM), dtype=np.float32)
-    cache_file = cache_dir / f"minilm-{texts_key(texts)}.npy" if cache_dir is not None else None
+    bf16 = autocast_bf16(device)  # native bf16: 1.5x faster, vectors within cosine 0.99995 (atelier.hardware)
+    name = f"minilm-{'bf16-' if bf16 else ''}{texts_key(texts)}.npy"
+    cache_file = cache_dir / name if cache_dir is not None else None
     if cache_file is not None and cache_file.is_file():
         cached = np.load(cache_file)
         if cached.shape == (len(texts), TEXT_DIM):
@@ -82,10 +86,11 @@ def encode_texts(
     # batches (32) beat large ones on a 2-core CPU (measured: 1,000 H&M texts 9 s vs 14 s at 128).
     chunk = 2048
     for start in range(0, len(unique), chunk):
-        out[start : start + chunk] = model.encode(
-            [str(t) for t in unique[start : start + chunk]], batch_size=batch_size, convert_to_numpy=True,
-            normalize_embeddings=True, show_progress_bar=False,
-        )
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            out[start : start + chunk] = model.encode(
+                [str(t) for t in unique[start : start + chunk]], batch_size=batch_size, convert_to_numpy=True,
+                normalize_embeddings=True, show_progress_bar=False,
+            )
         if progress is not None:
             progress(min(start + chunk, len(unique)), len(unique))
     vectors = out[inverse.reshape(-1)]

@@ -18,7 +18,7 @@ from typing import Self
 import numpy as np
 import pandas as pd
 
-from atelier.recommender import Query, Recommender, TrainData, fill, popular_items
+from atelier.recommender import Query, Recommender, TrainData, fill, popular_items, top_k
 from atelier.text import encode_texts, item_texts
 
 
@@ -112,9 +112,7 @@ class VectorKNNRecommender(PopularityRecommender):
             users = np.stack([self.vectors[idx].mean(axis=0) for _, idx in batch])  # (batch, dim)
             users /= np.linalg.norm(users, axis=1, keepdims=True) + 1e-12
             scores = users @ self.vectors.T  # (batch, n_items)
-            top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k]
-            order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
-            ranked = np.take_along_axis(top, order, axis=1)
+            ranked, _ = top_k(scores, k)
             for (qi, _), r in zip(batch, ranked, strict=True):
                 out[qi] = [str(self.item_ids[j]) for j in r]
         for qi, idx in rows:

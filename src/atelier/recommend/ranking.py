@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from typing import Any, Protocol
 
 import numpy as np
@@ -145,6 +146,10 @@ class RankingPipeline:
         self.values: dict[str, np.ndarray] = {}  # attribute -> each catalogue item's value (None unknown)
         self.popular: list[str] = []
         self.item_ids = np.zeros(0, dtype=object)  # catalogue row -> item id
+        # The harness scores several rankers of one pipeline on the same query lists: with ``remember`` > 0 the
+        # candidates and features of the last few lists are kept (compared by value) instead of rebuilt per model.
+        self.remember = 0
+        self._rows: list[tuple[list[Query], CandidateSet, np.ndarray]] = []
 
     def fit(self, data: TrainData) -> RankingPipeline:
         """Fit the sources on the window and take the snapshot its features read."""
@@ -176,6 +181,17 @@ class RankingPipeline:
         """Dense features of every candidate row."""
         assert self.snapshot is not None, "call fit() first"
         return build_features(self.snapshot, queries, cands)
+
+    def rows(self, queries: Sequence[Query]) -> tuple[CandidateSet, np.ndarray]:
+        """The candidates of ``queries`` and their features (remembered for the last ``remember`` query lists)."""
+        for known, cands, x in self._rows:
+            if known is queries or known == list(queries):
+                return cands, x
+        cands = self.candidates(queries)
+        x = self.features(queries, cands)
+        if self.remember > 0:
+            self._rows = [*self._rows, (list(queries), cands, x)][-self.remember:]
+        return cands, x
 
 
 class RowScorer(Protocol):
@@ -214,24 +230,28 @@ class RankedChain:
     def rank(self, queries: Sequence[Query], k: int, exclude: Sequence[frozenset[str]] | None = None
              ) -> list[list[Ranked]]:
         """Up to ``k`` items per query, best first (``exclude``: ids to leave out per query)."""
-        cands = self.pipeline.candidates(queries)
+        cands, x = self.pipeline.rows(queries)
         out: list[list[Ranked]] = [[] for _ in queries]
         item_ids, names = self.pipeline.item_ids, self.pipeline.generator.names
         if len(cands):
-            scores = self.scorer.predict(queries, cands, self.pipeline.features(queries, cands))
+            scores = self.scorer.predict(queries, cands, x)
             first = cands.first_source()
             order = np.lexsort((-scores, cands.query))  # by query, best first
             bounds = np.searchsorted(cands.query[order], np.arange(len(queries) + 1))
             for qi in range(len(queries)):
                 skip = exclude[qi] if exclude is not None else frozenset()
-                rows = [r for r in order[bounds[qi]:bounds[qi + 1]] if item_ids[cands.item[r]] not in skip]
-                out[qi] = [Ranked(str(item_ids[cands.item[r]]), float(scores[r]), names[first[r]]) for r in rows[:k]]
+                # the best k + |skip| rows hold the best k not skipped: no need to look further down
+                head = order[bounds[qi] : min(bounds[qi + 1], bounds[qi] + k + len(skip))]
+                rows = [r for r in head if item_ids[cands.item[r]] not in skip][:k]
+                out[qi] = [Ranked(str(item_ids[cands.item[r]]), float(scores[r]), names[first[r]]) for r in rows]
         for qi, query in enumerate(queries):
             if self.fallback == "popularity" and knows_nothing(query):
                 out[qi] = []  # the training window found plain popularity better for such shoppers
             if len(out[qi]) < k:  # pad a short list with popularity
                 have = (exclude[qi] if exclude is not None else frozenset()) | {r.item_id for r in out[qi]}
-                out[qi] += [Ranked(i, 0.0, None) for i in self.pipeline.popular if i not in have][: k - len(out[qi])]
+                # lazily: the popular list is long and a query needs a few of it
+                pad = islice((i for i in self.pipeline.popular if i not in have), k - len(out[qi]))
+                out[qi] += [Ranked(i, 0.0, None) for i in pad]
         return out
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from atelier.recommender import Query, Recommender, TrainData, fill
+from atelier.recommender import Query, Recommender, TrainData, fill, top_k
 
 Candidates = list[tuple[str, float]]
 
@@ -294,10 +294,7 @@ class VectorNeighbours(CandidateSource):
             scores = qv[batch] @ self.vectors.T  # (batch, n_items)
             for j, qi in enumerate(batch):
                 scores[j, seeds_of[qi]] = -np.inf
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            best = np.take_along_axis(scores, top, axis=1)
-            order = np.argsort(-best, axis=1, kind="stable")
-            top, best = np.take_along_axis(top, order, axis=1), np.take_along_axis(best, order, axis=1)
+            top, best = top_k(scores, k)
             for j, qi in enumerate(batch):
                 out[qi] = list(zip(log.item_ids[top[j]].tolist(), best[j].tolist(), strict=True))
         return out
@@ -356,10 +353,7 @@ class NewArrivals(VectorNeighbours):
         for start in range(0, len(todo), self.batch):
             batch = todo[start : start + self.batch]
             scores = (1.0 + qv[batch] @ v.T) / 2.0 * prior[None, :]  # (batch, pool)
-            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            best = np.take_along_axis(scores, top, axis=1)
-            order = np.argsort(-best, axis=1, kind="stable")
-            top, best = np.take_along_axis(top, order, axis=1), np.take_along_axis(best, order, axis=1)
+            top, best = top_k(scores, k)
             for j, qi in enumerate(batch):
                 keep = ~np.isin(pool[top[j]], seeds_of[qi])
                 out[qi] = list(zip(log.item_ids[pool[top[j][keep]]].tolist(), best[j][keep].tolist(), strict=True))

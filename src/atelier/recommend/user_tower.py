@@ -23,7 +23,7 @@ from atelier.datasets import load_current, rules_for
 from atelier.models.user_tower import PARTS, ProfileStats, UserInputs, UserTower, load_user_checkpoint
 from atelier.recommend.baselines import PopularityRecommender
 from atelier.recommend.encoder import catalogue_vectors, file_id
-from atelier.recommender import Query, TrainData, fill
+from atelier.recommender import Query, TrainData, fill, top_k
 from atelier.store import SearchFilters, VectorStore
 from atelier.text import TEXT_DIM, encode_texts
 
@@ -212,9 +212,7 @@ class UserTowerRecommender(PopularityRecommender):
                 for r, qi in enumerate(batch):
                     seen = [self.item_index[i] for i in queries[int(qi)].history if i in self.item_index]
                     scores[r, seen] = -np.inf
-            top = np.argpartition(-scores, kth=k_items - 1, axis=1)[:, :k_items]
-            order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-            ranked = np.take_along_axis(top, order, axis=1)
+            ranked, _ = top_k(scores, k_items)
             for r, qi in enumerate(batch):
                 exclude = frozenset(queries[int(qi)].history) if self.exclude_history else frozenset()
                 tower = [str(self.item_ids[j]) for j in ranked[r]]
