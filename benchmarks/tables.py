@@ -316,6 +316,25 @@ def headline() -> str:
     return f"{markdown(head, rows)}\n\n{source_note(*results, lead=' '.join(splits))}"
 
 
+def main_job_time() -> str:
+    """How long the newest main job took, stage by stage, up to each dataset's report (its ``run`` record)."""
+    rows: list[list[str]] = []
+    results: list[Result] = []
+    seen: set[str] = set()  # the later report repeats the earlier stages: show only the ones after them
+    for dataset in ("hm", "rtr"):
+        result = newest("main-job", f"-{dataset}")
+        run = result.data.get("run")
+        if not isinstance(run, Mapping):
+            raise TableError(f"{result.cited}: no `run` timing in the file (a main job before stage timing)")
+        results.append(result)
+        shown = [stage for stage in run["stages"] if stage not in seen]
+        seen.update(shown)
+        rows += [[stage, num(run["stages"][stage] / 60, 1)] for stage in shown]
+        rows.append([f"**until the {DATASET_NAMES[dataset]} report is filed**", f"**{num(run['seconds'] / 60, 1)}**"])
+    cores = results[-1].data["run"].get("cpu_count")
+    return f"{markdown(['stage', 'minutes'], rows)}\n\n{source_note(*results, lead=f'{cores} cores.')}"
+
+
 SOURCE_COHORTS = ("with_history", "without_history", "cart")
 
 
@@ -357,6 +376,41 @@ def item_tower_ablation() -> str:
 def item_tower_re() -> str:
     """The item tower trained with the shipped RE phrases against the one without (hm-item-tower-re)."""
     return eval_table(newest("hm-item-tower-re"), CONTENT_COLUMNS)
+
+
+LLM_VARIANTS = {"columns": "(a) columns only", "std": "(b) + LLM STD", "re": "(c) + LLM RE", "both": "(d) + both"}
+LLM_COLUMNS = (("MAP@12 history", "with_history map@12"), ("R@100 history", "with_history recall@100"),
+               ("MAP@12 cart", "cart map@12"), ("R@100 cart", "cart recall@100"), ("MAP@12 all", "all map@12"),
+               ("cold R@100", "cold recall@100"))
+
+
+def llm_value() -> str:
+    """What the LLM attributes are worth (issue #19 (a)-(d)): every model of the newest llm-value ablation, per
+    variant of the item JSON."""
+    result = newest("llm-value", "-hm")
+    summary: Mapping[str, Any] = result.data.get("summary") or {}
+    if not summary:
+        raise TableError(f"{result.cited}: no summary")
+    labels, values = [], []
+    for variant, label in LLM_VARIANTS.items():
+        for model, m in (summary.get(variant) or {}).items():
+            labels.append([label, f"`{model}`"])
+            values.append([m.get(key) for _, key in LLM_COLUMNS])
+    table = numeric_table(["item JSON", "model", *(h for h, _ in LLM_COLUMNS)], labels, values)
+    return f"{table}\n\n{source_note(result, lead=split_sentence(result.data))}"
+
+
+BEHAVIOUR_COLUMNS: list[Column] = [
+    ("MAP@12 history", ("cohorts", "with_history", "map@12")), ("R@100 history", ("cohorts", "with_history",
+                                                                                  "recall@100")),
+    ("MAP@12 cart", ("cohorts", "cart", "map@12")), ("R@100 cart", ("cohorts", "cart", "recall@100")),
+    ("MAP@12 all", ("cohorts", "all", "map@12")), ("cold R@100", ("cold_items", "recall@100")),
+]
+
+
+def item_behaviour() -> str:
+    """The SimCSE item tower against the same tower tuned on behaviour pairs (newest item-behaviour file)."""
+    return eval_table(newest("item-behaviour", "-hm"), BEHAVIOUR_COLUMNS)
 
 
 # --------------------------------------------------------------------------- item tower speed
@@ -820,6 +874,7 @@ TABLES: dict[str, Builder] = {
     "headline": headline,
     "main-hm": main_table("hm"),
     "main-rtr": main_table("rtr"),
+    "main-job-time": main_job_time,
     "sources-hm": sources_table("hm"),
     "sources-rtr": sources_table("rtr"),
     "two-tower-rtr": two_tower_table("rtr"),
@@ -827,6 +882,8 @@ TABLES: dict[str, Builder] = {
     "item-tower-gpu": item_tower_gpu,
     "item-tower-ablation": item_tower_ablation,
     "item-tower-re": item_tower_re,
+    "llm-value": llm_value,
+    "item-behaviour": item_behaviour,
     "store": store,
     "rerank": rerank,
     "rerank-latency": rerank_latency,

@@ -825,7 +825,7 @@ def run_cmd(
             settings, name, max_users=max_users, save_ranker=True))
         print_report(report)
         clock.lap(f"ranking chain and evaluation {name}")
-        timing = {"run": clock.record()}  # the main job's time up to this report (the 30-minute promise)
+        timing: dict[str, object] = {"run": clock.record()}  # the time up to this report (the 30-minute budget)
         filed = "" if source is not None else f"\nresult file: {file_result(settings, report, 'main-job', timing)}"
         console.print(f"report: {path}{filed}")
     shown = next((n for n in names if settings.paths.index_pointer(n).is_file()), names[0])
