@@ -10,10 +10,15 @@ import torch
 
 from atelier.catalogue import column_items
 from atelier.config import Settings
+from atelier.datasets import rules_for
+from atelier.evaluate import evaluate, write_report
 from atelier.ingest import ingest, load_tables
 from atelier.models.item_tower import ItemTower, save_checkpoint
 from atelier.pipeline.item_tower import encode_stage, index_stage
-from atelier.recommend.encoder import tower_config
+from atelier.recommend.baselines import PopularityRecommender, RandomRecommender
+from atelier.recommend.content import ItemTowerRecommender
+from atelier.recommend.encoder import file_id, tower_config
+from atelier.recommend.sources import RulesRecommender
 from atelier.schema import load_schema
 from atelier.vocab import build_vocab
 
@@ -72,3 +77,17 @@ def product(item_id: str, **extra: object) -> dict[str, object]:
         "columns": {"product_type_name": "Dress", "colour_group_name": "Green"}, "price": 0.05,
     }
     return {**body, **extra}
+
+
+def write_evaluation(settings: Settings) -> Path:
+    """A real report of the harness on the tiny run, plots beside it (idempotent): two baselines, random, and
+    the tiny item tower under the served chain's name (training the DeepFM chain is the ranker tests' job)."""
+    path = settings.paths.evaluation_report("hm")
+    if path.is_file():
+        return path
+    window, tower = rules_for("hm").popularity_days, settings.paths.item_tower("hm")
+    suite = [RandomRecommender(), PopularityRecommender(window), RulesRecommender(window),
+             ItemTowerRecommender(tower, window_days=window, name="atelier",
+                                  vectors_file=settings.paths.vectors("hm", file_id(tower)))]
+    report = evaluate("hm", settings.paths.dataset("hm"), suite, settings.paths.features)
+    return write_report(report, settings.paths.reports)

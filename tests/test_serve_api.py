@@ -9,6 +9,8 @@ untrained item tower saved as a checkpoint, ``encode_stage`` (MiniLM text + towe
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from atelier.serve.schemas import ProductIn
 from atelier.serve.service import RecommendService
 from atelier.serve.stages import register_stage
 from atelier.store import SearchFilters
-from tests.helpers import API_KEY, build_tiny_run, product
+from tests.helpers import API_KEY, build_tiny_run, product, write_evaluation
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +76,8 @@ def test_health_ready_and_openapi(client: TestClient) -> None:
     assert body["stages"]["two_tower"] == "no model for this dataset"  # no `atelier train user` in this run
     assert body["ingest"] == "ready"
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/recommend", "/items", "/items/{item_id}", "/items/{item_id}/similar", "/ready"} <= set(paths)
+    assert {"/recommend", "/items", "/items/{item_id}", "/items/{item_id}/similar", "/ready", "/evaluation",
+            "/evaluation/plots/{name}"} <= set(paths)
     page = client.get("/")
     assert page.status_code == 200 and "merch-form" in page.text
 
@@ -354,6 +357,82 @@ def test_attribute_origins_name_the_enrichment_method_and_model() -> None:
     assert (found["detail.re"].kind, found["detail.re"].method, found["detail.re"].model_id) == ("re", "phrases",
                                                                                                "hybrid@c9")
     assert {o.origin for o in attribute_origins(doc, None)} == {"posted"}
+
+
+# --- the evaluation report --------------------------------------------------------------------
+
+
+
+def test_evaluation_report_per_cohort_with_its_plots(client: TestClient, serve_settings: Settings) -> None:
+    report = json.loads(write_evaluation(serve_settings).read_text())
+    res = client.get("/evaluation")
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["dataset"] == "hm" and body["validation"] and not body["notes"], body["notes"]
+    assert body["baselines"] == ["rules", "popularity"] and body["served"] == "atelier"
+    split = report["split"]
+    assert body["split"].startswith("Validation split") and "2020-09-19" in body["split"]
+    assert f"{split['scored_users']:,} users scored: {split['users_with_history']:,} with history" in body["split"]
+    assert client.get("/evaluation", params={"dataset": "hm"}).json() == body
+    cohorts = {c["cohort"]: c for c in body["cohorts"]}
+    assert {"all", "history", "new"} <= set(cohorts) and cohorts["all"]["users"] == split["scored_users"]
+    assert [(r["model"], r["role"]) for r in cohorts["all"]["rows"]] == [
+        ("random", "other"), ("popularity", "baseline"), ("rules", "baseline"), ("atelier", "served")]
+    for row in cohorts["all"]["rows"]:  # the report's own numbers (NaN, where nothing was scored, is None)
+        model = report["models"][row["model"]]
+        assert row["map_at_12"] == pytest.approx(model["cohorts"]["all"]["map@12"])
+        assert row["recall_at_100"] == pytest.approx(model["cohorts"]["all"]["recall@100"])
+        cold = model["cold_items"]["recall@100"]
+        assert row["cold_recall_at_100"] == (None if cold != cold else pytest.approx(cold))
+    assert all(r["cold_recall_at_100"] is None for r in cohorts["history"]["rows"]), "cold recall: all and cart only"
+    plots = {p["name"]: p["url"] for p in body["plots"]}
+    assert set(plots) == {"hm_metrics.png", "hm_cohorts.png"}
+    png = client.get(plots["hm_metrics.png"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_evaluation_fails_loudly_and_serves_only_the_reports_folder(
+        client: TestClient, service: RecommendService, serve_settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    good = write_evaluation(serve_settings)
+    run = service.settings.model_copy(update={"run_dir": tmp_path / "run"})
+    monkeypatch.setattr(service, "settings", run)
+    missing = client.get("/evaluation")
+    assert missing.status_code == 404 and "`atelier evaluate -d hm` (or `atelier run`) writes one" in \
+        missing.json()["detail"]
+    unknown = client.get("/evaluation", params={"dataset": "zara"})
+    assert unknown.status_code == 404 and unknown.json()["detail"] == "unknown dataset 'zara': this run folder has hm"
+    for bad in ("../hm", "HM", "hm.json", ""):
+        res = client.get("/evaluation", params={"dataset": bad})
+        assert res.status_code == 422 and "query.dataset" in res.json()["detail"], (bad, res.text)
+    run.paths.reports.mkdir(parents=True)
+    report = run.paths.reports / "hm.json"
+    report.write_text("{not json")
+    broken = client.get("/evaluation")
+    assert broken.status_code == 500 and "cannot be read" in broken.json()["detail"]
+    report.write_text("[]")
+    assert "is not an evaluation report" in client.get("/evaluation").json()["detail"]
+    # a model saved after the report: the page is told the report no longer describes what is served
+    shutil.copy(good, report)
+    os.utime(report, (1e9, 1e9))
+    run.paths.ranker("hm").parent.mkdir(parents=True)
+    run.paths.ranker("hm").write_bytes(b"")
+    body = client.get("/evaluation").json()
+    assert body["notes"] == ["saved after this report: ranker-hm.pt; `atelier evaluate -d hm` scores what is "
+                             "served now"] and body["plots"] == []
+    # plots: regular PNG files of the reports folder only, found by name, never a path from the request
+    shutil.copy(good.with_name("hm_metrics.png"), run.paths.reports / "hm_metrics.png")
+    (tmp_path / "secret.png").write_bytes(b"not for the web")
+    (run.paths.reports / "link.png").symlink_to(tmp_path / "secret.png")
+    assert [p["name"] for p in client.get("/evaluation").json()["plots"]] == ["hm_metrics.png"]
+    assert client.get("/evaluation/plots/hm_metrics.png").status_code == 200
+    assert client.get("/evaluation/plots/link.png").status_code == 404
+    assert client.get("/evaluation/plots/nothing.png").status_code == 404
+    assert client.get("/evaluation/plots/hm.json").status_code == 422
+    for sneaky in ("..%2Fsecret.png", "%2E%2E%2Fsecret.png", "..%5Csecret.png"):
+        res = client.get(f"/evaluation/plots/{sneaky}")
+        assert res.status_code in (404, 422) and res.content != b"not for the web", sneaky
 
 
 # --- degraded modes ---------------------------------------------------------------------------

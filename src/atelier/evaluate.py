@@ -45,6 +45,7 @@ from atelier.datasets import (
 )
 from atelier.ingest import IngestError, load_manifest, load_tables
 from atelier.metrics import cold_item_recall, coverage, score_users, summarise
+from atelier.paths import report_name
 from atelier.recommend.sources import CandidateSource, rule_sources
 from atelier.recommender import Query, Recommender, TrainData
 
@@ -201,7 +202,7 @@ def _sample(queries: list[Query], actual: dict[str, set[str]], n: int) -> tuple[
 def write_report(report: dict[str, object], out_dir: Path) -> Path:
     """Write ``<dataset>.json`` atomically plus PNG plots; returns the JSON path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{report['dataset']}.json"
+    path = out_dir / report_name(str(report["dataset"]))
     write_json(path, report, indent=2, default=float)
     plot_report(report, out_dir)
     return path

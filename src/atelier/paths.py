@@ -29,6 +29,11 @@ SUPERVISED_MODEL_DIR = REPO_DATA / "adapters" / "tfidf-lr-std"  # TF-IDF + logis
 SHIPPED_ENRICHED_DIR = REPO_DATA / "enriched"  # full-catalogue enrichment made on a GPU
 
 
+
+def report_name(dataset: str) -> str:
+    """The file name of a dataset's evaluation report in a reports folder."""
+    return f"{dataset}.json"
+
 @dataclass(frozen=True)
 class RunPaths:
     """Every artifact path under one run folder."""
@@ -124,6 +129,14 @@ class RunPaths:
     def reports(self) -> Path:
         """Evaluation reports, plots, the coverage report, neighbour pages."""
         return self.root / "reports"
+
+    def enrich_report(self, dataset: str) -> Path:
+        """What a dataset's enrichment stage did: counts per route, unreached products, errors."""
+        return self.reports / f"enrich-{dataset}.json"
+
+    def evaluation_report(self, dataset: str) -> Path:
+        """A dataset's latest evaluation report (``atelier evaluate``, ``atelier run``), its plots beside it."""
+        return self.reports / report_name(dataset)
 
     @property
     def serve_errors(self) -> Path:

@@ -122,7 +122,7 @@ def enrich_stage(settings: Settings, dataset: str, budget_s: float, progress: Pr
 
     ``progress``: True for a tqdm bar, a ``(done, total)`` callback, or False. ``extractor``: the ``hybrid``
     extractor to use (default: the packaged ``field_sources.toml``). Returns the report (also written to
-    ``settings.paths.reports / f"enrich-{dataset}.json"``; its path under ``"report"``).
+    ``settings.paths.enrich_report(dataset)``; its path under ``"report"``).
     """
     start = time.perf_counter()
     assert budget_s >= 0, f"budget_s must be >= 0, got {budget_s}"
@@ -224,7 +224,7 @@ def enrich_stage(settings: Settings, dataset: str, budget_s: float, progress: Pr
                      budget_s, cpu, seconds)
     report["outputs"] = {"items": str(out), "cache": str(settings.paths.enrich_cache)}
     report["seconds"] = round(time.perf_counter() - start, 2)
-    path = settings.paths.reports / f"enrich-{dataset}.json"
+    path = settings.paths.enrich_report(dataset)
     write_json(path, report, indent=1)
     report["report"] = str(path)
     return report

@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atelier.config import Settings, get_settings
-from atelier.serve.routes import health, items, recommend
+from atelier.serve.routes import evaluation, health, items, recommend
 from atelier.serve.schemas import error_responses
 from atelier.serve.service import RecommendService, ServiceError
 from atelier.store import StoreError
@@ -142,7 +142,7 @@ def create_app(
     app = FastAPI(
         title="atelier", version="0.1.0", lifespan=lifespan,
         description="Content-based fashion recommendations: item lookup, search, similar items, "
-                    "recommendations with explanations, and cold-start product ingest.",
+                    "recommendations with explanations, cold-start product ingest, and the latest evaluation.",
     )
     app.state.service = service
     app.add_middleware(BodyLimit, max_bytes=settings.serve_max_body_bytes)
@@ -150,7 +150,7 @@ def create_app(
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(StoreError, _store_error)
     app.add_exception_handler(psycopg.Error, _database_error)
-    for module in (health, items, recommend):
+    for module in (health, items, recommend, evaluation):
         # any route may answer 400 (a body that is not JSON), 422 (a bad parameter, named) or 503 (store
         # down): all documented, so clients and the fuzz tests know every status they can get
         app.include_router(module.router, responses=error_responses(400, 422, 503))

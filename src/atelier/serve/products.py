@@ -120,7 +120,7 @@ def make_enricher(name: str, dataset: str, settings: Settings) -> Enricher:
 def enrichment_sources(settings: Settings, dataset: str) -> tuple[str | None, dict[str, Any]]:
     """The enrichment stage's model id and per-field sources (its report ``runs/reports/enrich-<dataset>.json``:
     method, backend and model id of each STD field and of the RE phrases), or (None, {}) without a report."""
-    path = settings.paths.reports / f"enrich-{dataset}.json"
+    path = settings.paths.enrich_report(dataset)
     if not path.is_file():
         return None, {}
     report = json.loads(path.read_text(encoding="utf-8"))

@@ -385,3 +385,54 @@ class Meta(BaseModel):
     colors: list[str]
     genders: list[str]
     stages: list[str]
+
+
+Role = Literal["baseline", "served", "other"]
+CohortName = Literal["all", "history", "new", "cart"]
+
+
+class CohortRow(BaseModel):
+    """One model's scores in one cohort of the evaluation report (None: the report has no such number)."""
+
+    model: str
+    role: Role = Field(description=(
+        "baseline: `rules` (the strongest simple baseline) or `popularity`; served: `atelier`, the chain this "
+        "service serves; other: the remaining baselines, stages and peers"))
+    map_at_12: float | None = Field(description="MAP@12 (Kaggle H&M definition)")
+    recall_at_100: float | None
+    cold_recall_at_100: float | None = Field(description=(
+        "recall@100 of the test pairs whose item had no training interaction (the all and cart cohorts only)"))
+
+
+class CohortTable(BaseModel):
+    """One cohort of the report: who is in it, how many, and every model's scores in report order."""
+
+    cohort: CohortName
+    title: str
+    about: str
+    users: int | None
+    rows: list[CohortRow]
+
+
+class ReportPlot(BaseModel):
+    """A PNG plot beside the report and where the service serves it."""
+
+    name: str
+    url: str
+
+
+class EvaluationView(BaseModel):
+    """The latest evaluation report of a dataset, as the page's tables: one per cohort, the split in a sentence,
+    its plots."""
+
+    dataset: str
+    report: str = Field(description="the report file read (`atelier evaluate` and `atelier run` write it)")
+    created: str | None
+    git_commit: str | None
+    validation: bool = Field(description="true for the default split, whose days were also used to tune choices")
+    split: str = Field(description="the split in one sentence: validation or test, days, users per cohort")
+    baselines: list[str] = Field(description="the baselines' names present in the report")
+    served: str | None = Field(description="the served chain's name, when the report scores it")
+    cohorts: list[CohortTable]
+    plots: list[ReportPlot]
+    notes: list[str] = Field(default_factory=list)

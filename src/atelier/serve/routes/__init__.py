@@ -1,1 +1,1 @@
-"""One router per resource: health/readiness, items (read, search, write), recommendations."""
+"""One router per resource: health/readiness, items (read, search, write), recommendations, the evaluation report."""

@@ -204,6 +204,7 @@ async function recommend(ev, shopperText) {
   try {
     const res = await api("POST", "/recommend", body);
     $("degraded").hidden = !res.degraded;
+    showAskedFor(shopperText);
     $("recs").replaceChildren(...res.items.map((i) => card(i, { tag: "li", rec: i, shared: i.explanation.shared })));
     const found = Object.entries(res.context_attributes).map(([f, v]) => `${f}=${v.map((x) => label(f, x)).join("/")}`);
     $("rec-status").textContent = `${res.items.length} items from stage "${res.stage}" in ${res.elapsed_ms} ms`
@@ -214,6 +215,18 @@ async function recommend(ev, shopperText) {
     $("rec-status").textContent = `recommend failed: ${e.message}`;
     return null;
   }
+}
+
+// What the answer was for, above the cards: the reasons ("in your cart") then read on their own.
+function showAskedFor(shopperText) {
+  const parts = [];
+  if (shopperText) parts.push(`For a shopper describing "${shopperText}"`);
+  else {
+    if (state.cart.length) parts.push(`For your cart: ${state.cart.map((i) => i.title || i.item_id).join(", ")}`);
+    if ($("context").value.trim()) parts.push(`asked for "${$("context").value.trim()}"`);
+  }
+  $("rec-for").textContent = parts.join(" · ");
+  $("rec-for").hidden = !parts.length;
 }
 
 function productForm() {
@@ -265,6 +278,72 @@ async function addProduct(ev) {
   }
 }
 
+// The latest evaluation report: one table per cohort, the baselines and the served chain marked, the best
+// value of each column in bold, then the report's plots. No report: the server's message says which command
+// writes one.
+const metric = (v) => (v === null || v === undefined ? "–" : v.toFixed(4));
+
+function cohortTable(c) {
+  const box = el("div", "cohort");
+  box.dataset.cohort = c.cohort;
+  const title = el("h3", null, c.title);
+  if (c.users !== null) title.append(el("span", "muted", ` · ${c.users.toLocaleString("en")} users`));
+  box.append(title, el("p", "muted about", c.about));
+  const cols = [["map_at_12", "MAP@12"], ["recall_at_100", "Recall@100"]];
+  if (c.rows.some((r) => r.cold_recall_at_100 !== null)) {
+    cols.push(["cold_recall_at_100", "cold items R@100", "recall@100 of test purchases of items nobody bought in the training days"]);
+  }
+  const table = el("table", "eval");
+  const head = el("tr");
+  head.append(el("th", null, "model"));
+  for (const [, h, hint] of cols) {
+    const th = el("th", "num", h);
+    if (hint) th.title = hint;
+    head.append(th);
+  }
+  table.append(head);
+  const best = Object.fromEntries(cols.map(([k]) => [k, Math.max(...c.rows.map((r) => r[k] ?? -1))]));
+  for (const r of c.rows) {
+    const row = el("tr", `role-${r.role}`);
+    const name = el("td", null, r.model);
+    if (r.role !== "other") name.append(" ", el("span", `tag ${r.role}`, r.role));
+    row.append(name);
+    for (const [k] of cols) {
+      row.append(el("td", r[k] !== null && r[k] > 0 && r[k] === best[k] ? "num best" : "num", metric(r[k])));
+    }
+    table.append(row);
+  }
+  box.append(table);
+  return box;
+}
+
+async function showEvaluation() {
+  const body = $("eval-body");
+  try {
+    const rep = await api("GET", "/evaluation");
+    const about = [rep.dataset, rep.created && `written ${rep.created}`, rep.git_commit && `commit ${rep.git_commit}`,
+      rep.report].filter(Boolean).join(" · ");
+    const parts = [el("p", "split", rep.split), el("p", "muted", about)];
+    for (const note of rep.notes) parts.push(el("p", "warn", note));
+    parts.push(grid(rep.cohorts.map(cohortTable)));
+    if (rep.plots.length) {
+      const plots = el("div", "plots");
+      for (const p of rep.plots) {
+        const fig = el("figure");
+        const img = el("img");
+        img.src = p.url;
+        img.alt = `plot ${p.name}`;
+        fig.append(img, el("figcaption", "muted", p.name));
+        plots.append(fig);
+      }
+      parts.push(plots);
+    }
+    body.replaceChildren(...parts);
+  } catch (e) {
+    body.replaceChildren(el("p", "warn", e.message));
+  }
+}
+
 async function init() {
   $("search-form").addEventListener("submit", search);
   $("profile-form").addEventListener("submit", recommend);
@@ -283,6 +362,7 @@ async function init() {
       ? `${r.dataset} · ${r.model_id} · stages: ${Object.entries(r.stages).filter(([, s]) => s === "ready").map(([n]) => n).join(" → ")}`
       : `degraded: store ${r.store}`;
   }).catch(() => { $("ready").textContent = "service not ready"; });
+  showEvaluation();
   await search();
   document.body.dataset.ready = "1";
 }
