@@ -413,6 +413,30 @@ def item_behaviour() -> str:
     return eval_table(newest("item-behaviour", "-hm"), BEHAVIOUR_COLUMNS)
 
 
+def search() -> str:
+    """Ranked search (issue #23): latency per part and precision@10 of text-only against fused search, per run
+    of the newest search file (a catalogue slice and the whole catalogue)."""
+    result = newest("search")
+    runs: Mapping[str, Any] = result.data.get("runs") or {}
+    if not runs:
+        raise TableError(f"{result.cited}: no runs")
+    head = ["run", "items", "fused p50 ms", "fused p99 ms", "text-only p50 ms", "P@10 type (text / fused)",
+            "P@10 colour+type", "P@10 typo", "women's bikini tops in 'bikini top' top 10"]
+    rows = []
+    for label, run in runs.items():
+        lat, prec = run.get("latency") or {}, run.get("precision_at_10") or {}
+
+        def pair(kind: str, prec: Mapping[str, Any] = prec) -> str:
+            got = prec.get(kind) or {}
+            return f"{num(got.get('text'), 2)} / {num(got.get('fused'), 2)}"
+        rows.append([label, num(run.get("items_in_store"), 0), num(get(lat, "fused_total", "p50_ms"), 1),
+                     num(get(lat, "fused_total", "p99_ms"), 1), num(get(lat, "text_only", "p50_ms"), 1),
+                     pair("type"), pair("colour+type"), pair("typo"),
+                     num(get(run, "named_queries", "bikini top", "womens_bikini_tops_in_top10"), 0)])
+    notes = " ".join(f"`{label}`: {run.get('note', '')}." for label, run in runs.items())
+    return f"{markdown(head, rows)}\n\n{notes} Source: `{result.cited}` (commands in the file)."
+
+
 # --------------------------------------------------------------------------- item tower speed
 
 
@@ -884,6 +908,7 @@ TABLES: dict[str, Builder] = {
     "item-tower-re": item_tower_re,
     "llm-value": llm_value,
     "item-behaviour": item_behaviour,
+    "search": search,
     "store": store,
     "rerank": rerank,
     "rerank-latency": rerank_latency,
