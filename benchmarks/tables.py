@@ -437,6 +437,20 @@ def search() -> str:
     return f"{markdown(head, rows)}\n\n{notes} Source: `{result.cited}` (commands in the file)."
 
 
+def ranker_latency() -> str:
+    """The served chain's time per request on one thread, by part (newest ranker-latency file)."""
+    result = newest("ranker-latency", "-hm")
+    lat: Mapping[str, Any] = result.data.get("latency") or {}
+    keys = ("p50_ms", "p90_ms", "p99_ms", "max_ms")
+    table = numeric_table(["part", "p50 ms", "p90 ms", "p99 ms", "max ms"], [[part] for part in lat],
+                          [[stats.get(k) for k in keys] for stats in lat.values()], digits=1, bold=False)
+    rows = result.data.get("candidate_rows") or {}
+    lead = (f"{num(result.data.get('requests'), 0)} requests (half shoppers with history, half one-item carts), "
+            f"{num(rows.get('mean'), 0)} candidate rows on average ({rows.get('min')}–{rows.get('max')}); "
+            f"target: scoring {num(get(result.data, 'target', 'p99_ms'), 0)} ms p99.")
+    return f"{table}\n\n{source_note(result, lead=lead)}"
+
+
 # --------------------------------------------------------------------------- item tower speed
 
 
@@ -909,6 +923,7 @@ TABLES: dict[str, Builder] = {
     "llm-value": llm_value,
     "item-behaviour": item_behaviour,
     "search": search,
+    "ranker-latency": ranker_latency,
     "store": store,
     "rerank": rerank,
     "rerank-latency": rerank_latency,
