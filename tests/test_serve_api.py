@@ -331,6 +331,32 @@ def test_merchandiser_view_of_a_product(client: TestClient, serve_settings: Sett
     assert sorted(i["item_id"] for i in siblings) == sorted(product_ids[1:])
 
 
+def test_a_relisted_product_reaches_the_shopper_who_bought_its_colourway(client: TestClient,
+                                                                          serve_settings: Settings) -> None:
+    """Cold start through the API: another colourway of a product a shopper bought, posted under a new id with
+    no sales, is encoded from its content alone and reaches that shopper."""
+    folder = serve_settings.paths.dataset("hm")
+    items = pd.read_parquet(folder / "items.parquet").set_index("item_id")
+    log = pd.read_parquet(folder / "interactions.parquet")
+    sizes = items["group_id"].value_counts()
+    bought = log.groupby("user_id")["item_id"].unique()
+    shopper, item = next((u, ids[0]) for u, ids in bought.items()  # one purchase, of a product in colourways
+                         if len(ids) == 1 and sizes[items.loc[ids[0], "group_id"]] >= 2)
+    sibling = items[(items["group_id"] == items.loc[item, "group_id"]) & (items.index != item)].iloc[0]
+    columns = {c: str(sibling[c]) for c in ("product_type_name", "colour_group_name", "graphical_appearance_name",
+                                            "index_group_name", "department_name") if pd.notna(sibling[c])}
+    relisted = {"item_id": f"relist-{sibling.name}", "title": sibling["title"], "columns": columns,
+                "description": sibling["description"] if pd.notna(sibling["description"]) else ""}
+    before = client.post("/recommend", json={"user_id": shopper, "k": 12}).json()["items"]
+    assert relisted["item_id"] not in {i["item_id"] for i in before}
+    assert client.post("/items", json=relisted, headers=AUTH).status_code in (200, 201)
+    try:
+        after = client.post("/recommend", json={"user_id": shopper, "k": 12}).json()["items"]
+        assert relisted["item_id"] in {i["item_id"] for i in after}, [i["item_id"] for i in after]
+    finally:
+        client.delete(f"/items/{relisted['item_id']}", headers=AUTH)
+
+
 def test_preview_shows_the_enrichers_attributes_and_stores_nothing(client: TestClient) -> None:
     body = product("preview-1", attributes={"color": ["navy"]})
     assert client.post("/items/preview", json=body).status_code == 401
