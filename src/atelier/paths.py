@@ -29,10 +29,10 @@ SUPERVISED_MODEL_DIR = REPO_DATA / "adapters" / "tfidf-lr-std"  # TF-IDF + logis
 SHIPPED_ENRICHED_DIR = REPO_DATA / "enriched"  # full-catalogue enrichment made on a GPU
 
 
-
 def report_name(dataset: str) -> str:
     """The file name of a dataset's evaluation report in a reports folder."""
     return f"{dataset}.json"
+
 
 @dataclass(frozen=True)
 class RunPaths:

@@ -211,24 +211,6 @@ def slice_inputs(x: ItemInputs, idx: torch.Tensor) -> ItemInputs:
     )
 
 
-def compact(x: ItemInputs) -> ItemInputs:
-    """The same items with each row's kept tokens moved to the front of its STD and of its RE part, and the
-    columns no row keeps cut off. Exact (the tower has no positions and never attends to a masked token) and
-    cheaper: a catalogue pads every item to its longest and the SimCSE views mask about a third of the rest,
-    so training on compacted batches roughly halves the sequence the encoder runs over."""
-    t = x.tokens
-
-    def part(mask: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        width = max(1, int(mask.sum(1).max())) if len(mask) else 1
-        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]  # kept first, in order
-        return [torch.gather(v, 1, order) for v in (*tensors, mask)]
-
-    std_ids, std_fields, std_mask = part(t.std_mask, t.std_ids, t.std_field_ids)
-    re_ids, re_parents, re_fields, re_mask = part(t.re_mask, t.re_ids, t.re_parent_ids, t.re_field_ids)
-    return ItemInputs(ItemTokens(std_ids, std_fields, std_mask, re_ids, re_parents, re_fields, re_mask),
-                      x.text, x.text_mask)
-
-
 def stack_inputs(a: ItemInputs, b: ItemInputs) -> ItemInputs:
     """Two batches of the same shapes as one batch (``a`` first): two views in one forward."""
     ta, tb = a.tokens, b.tokens
@@ -259,5 +241,5 @@ def encode_items(model: ItemTower, x: ItemInputs, batch_size: int = 4096, device
     out = np.zeros((n, model.config.out_dim), dtype=np.float32)
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
-        out[start : start + len(idx)] = model(compact(slice_inputs(x, idx)).to(device)).float().cpu().numpy()
+        out[start : start + len(idx)] = model(slice_inputs(x, idx).to(device)).float().cpu().numpy()
     return out

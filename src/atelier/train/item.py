@@ -32,7 +32,6 @@ from atelier.models.item_tower import (
     ItemInputs,
     ItemTower,
     ItemTowerConfig,
-    compact,
     mask_parts,
     slice_inputs,
     stack_inputs,
@@ -133,7 +132,7 @@ def train_item_tower(
         for b in range(steps_per_epoch):
             idx = shard[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             view_a, view_b = make_views(slice_inputs(inputs, idx), cfg.views, gen)
-            both = compact(stack_inputs(view_a, view_b)).to(device)  # one forward for both views: (2 * batch, ...)
+            both = stack_inputs(view_a, view_b).to(device)  # one forward for both views: (2 * batch, ...)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 za, zb = net(both).chunk(2)
             loss = info_nce(za.float(), zb.float(), cfg.temperature)
@@ -158,7 +157,7 @@ def view_alignment(model: ItemTower, inputs: ItemInputs, cfg: ViewConfig, n: int
     device = next(model.parameters()).device
     view_a, view_b = make_views(slice_inputs(inputs, idx), cfg, gen)
     with torch.inference_mode():
-        za, zb = model(compact(view_a).to(device)), model(compact(view_b).to(device))
+        za, zb = model(view_a.to(device)), model(view_b.to(device))
     return float((za @ zb.T).argmax(dim=1).eq(torch.arange(len(idx), device=device)).float().mean())
 
 
@@ -223,13 +222,13 @@ def behaviour_finetune(
             batch = picked[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             a, b = batch[:, 0], batch[:, 1]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                za = model(compact(slice_inputs(inputs, a)).to(device)).float()
-                zb = model(compact(slice_inputs(inputs, b)).to(device)).float()
+                za = model(slice_inputs(inputs, a).to(device)).float()
+                zb = model(slice_inputs(inputs, b).to(device)).float()
             loss = behaviour_loss(za, zb, a.to(device), b.to(device), log_q[b.to(device)], cfg.temperature)
             if cfg.simcse_weight > 0:  # keep content alignment for the items of the batch
                 view_a, view_b = make_views(slice_inputs(inputs, a), cfg.views, gen)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    va, vb = model(compact(stack_inputs(view_a, view_b)).to(device)).float().chunk(2)
+                    va, vb = model(stack_inputs(view_a, view_b).to(device)).float().chunk(2)
                 loss = loss + cfg.simcse_weight * info_nce(va, vb, cfg.temperature)
             optimizer_step(loss, model, opt, sched)
             step += 1
