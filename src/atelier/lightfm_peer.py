@@ -25,7 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 from lightfm import LightFM
 
-from atelier.recommender import Query, Recommender, TrainData, fill, popular_items
+from atelier.recommender import Query, Recommender, TrainData, fill, popular_items, top_k
 
 __all__ = ["LightFMRecommender", "default_feature_columns", "item_feature_matrix"]
 
@@ -169,12 +169,7 @@ class LightFMRecommender(Recommender):
         """Top-``k`` catalogue positions for a batch of user rows, best first."""
         # The user bias is the same for every item of a user, so it cannot change the ranking.
         scores = self._user_vectors[users] @ self._item_vectors.T + self._item_biases
-        if k < scores.shape[1]:
-            top = np.argpartition(-scores, kth=k - 1, axis=1)[:, :k]
-        else:
-            top = np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
-        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-        return np.take_along_axis(top, order, axis=1)
+        return top_k(scores, k)[0]
 
     def recommend(self, queries: Sequence[Query], k: int) -> list[list[str]]:
         """LightFM's top-k for users seen in training; popularity for the others."""
