@@ -61,10 +61,12 @@ def train_item_stage(
 
 
 def tune_item_stage(settings: Settings, dataset: str, cfg: BehaviourConfig, *, cut: str | None = None,
-                    progress: ProgressFn | None = None, out: Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """Fine-tune the SimCSE tower on behaviour pairs of the evaluation split's training window (its default
-    cut, or ``cut``: nothing after it) and save it as the dataset's served tower (or at ``out``)."""
-    source = settings.paths.item_tower_simcse(dataset)
+                    progress: ProgressFn | None = None, out: Path | None = None,
+                    source: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Fine-tune the SimCSE tower (or the checkpoint at ``source``) on behaviour pairs of the evaluation
+    split's training window (its default cut, or ``cut``: nothing after it) and save it as the dataset's
+    served tower (or at ``out``)."""
+    source = source or settings.paths.item_tower_simcse(dataset)
     if not source.is_file():
         raise FileNotFoundError(f"no SimCSE tower for {dataset} at {source}; run `atelier train item -d {dataset}`")
     model, payload = load_checkpoint(source)
