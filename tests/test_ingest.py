@@ -8,8 +8,7 @@ import pandas as pd
 import pytest
 
 from atelier.ingest import IngestError, ingest, load_tables, read_csv_strings, read_hm, read_rtr
-
-from .conftest import write_head
+from tests.helpers import write_head
 
 
 def test_hm_slice_is_normalised(hm_slice: Path) -> None:

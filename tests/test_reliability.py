@@ -483,10 +483,10 @@ def test_database_killed_during_an_index_load(rel_settings: Settings, rel_servic
 
 
 class _Stub:
-    """A loopback OpenAI-compatible server whose answers the test scripts (see test_enrich_openai)."""
+    """A loopback OpenAI-compatible server whose answers the test scripts (tests/openai_stub.py)."""
 
     def __init__(self) -> None:
-        from tests.test_enrich_openai import Stub, make_handler
+        from tests.openai_stub import Stub, make_handler
 
         self.state = Stub()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self.state))

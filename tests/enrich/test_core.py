@@ -300,7 +300,7 @@ def test_cli_enrich_fake_backend_writes_items_errors_and_summary(tmp_path: Path,
     from typer.testing import CliRunner
 
     from atelier.cli import app
-    from tests.conftest import write_head
+    from tests.helpers import write_head
 
     runner = CliRunner()
     run_dir = tmp_path / "runs"

@@ -8,7 +8,7 @@ Screenshots are test artifacts under the pytest temp folder (``<basetemp>/screen
 ``product.png``, ``web.png``, ``evaluation.png``).
 
 The README's two screenshots (a shopper's cart with reasons, a merchandiser's product view) come from this test:
-``ATELIER_README_SCREENSHOTS=docs .venv/bin/pytest -q tests/test_web.py`` also writes ``docs/screenshot-cart.png``
+``ATELIER_README_SCREENSHOTS=docs .venv/bin/pytest -q tests/serve/test_web.py`` also writes ``docs/screenshot-cart.png``
 and ``docs/screenshot-product.png`` (256 colours, each under 300 KB).
 Never ``playwright install``: the browser is the Debian package (``.ci/run`` installs it).
 """
@@ -36,7 +36,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 # Where the README's screenshots go when asked for (relative paths from the checkout root); None: not written.
 _readme = os.environ.get("ATELIER_README_SCREENSHOTS")
-README_SHOTS = (Path(__file__).resolve().parents[1] / _readme) if _readme else None
+README_SHOTS = (Path(__file__).resolve().parents[2] / _readme) if _readme else None
 README_MAX_BYTES = 300_000
 
 

@@ -31,7 +31,7 @@ pytestmark = [
         importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("sse_starlette") is None,
         reason="llama-cpp-python[server] is not installed (run `make llm`)"),
 ]
-REPO_GGUF = Path(__file__).resolve().parents[1] / "runs" / "models" / GGUF_NAME
+REPO_GGUF = Path(__file__).resolve().parents[2] / "runs" / "models" / GGUF_NAME
 ALIAS = "gemma3-270m-q4km-local"
 
 

@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.skipif(not llama_available(), reason="llama-cpp-python is not installed (run `make llm`)"),
 ]
 # Reuse the GGUF a developer already assembled under runs/models; else assemble it once per session.
-REPO_GGUF = Path(__file__).resolve().parents[1] / "runs" / "models" / GGUF_NAME
+REPO_GGUF = Path(__file__).resolve().parents[2] / "runs" / "models" / GGUF_NAME
 
 
 @pytest.fixture(scope="session")
