@@ -343,18 +343,28 @@ def sources_table(dataset: str) -> Builder:
     def build() -> str:
         result = newest("main-job", f"-{dataset}")
         sources: Mapping[str, Any] = result.data.get("sources") or {}
+        chain: Mapping[str, Any] = dict(result.data.get("chain_sources") or {})
+        union = chain.pop("union", None)
         head = ["source", *(f"R@{k} {COHORTS[c]}" for c in SOURCE_COHORTS for k in (50, 100, 200))]
         if not sources:
             table = markdown(head, [[DASH] * len(head)])
             lead = "This report predates per-source recall (no `sources` in the file)."
         else:
-            values = [[get(per, c, f"recall@{k}") for c in SOURCE_COHORTS for k in (50, 100, 200)]
-                      for per in sources.values()]
-            table = numeric_table(head, [[f"`{s}`"] for s in sources], values, digits=3)
+            rows = [*((f"`{s}` (rules)", per) for s, per in sources.items()),
+                    *((f"`{s}` (chain)", per) for s, per in chain.items())]
+            values = [[get(per, c, f"recall@{k}") for c in SOURCE_COHORTS for k in (50, 100, 200)] for _, per in rows]
+            table = numeric_table(head, [[label] for label, _ in rows], values, digits=3)
             users = {c: next((get(per, c, "users") for per in sources.values() if get(per, c, "users")), None)
                      for c in SOURCE_COHORTS}
             lead = ("Users per cohort: " + ", ".join(f"{COHORTS[c]} {num(users[c], 0)}" for c in SOURCE_COHORTS)
-                    + ". " + split_sentence(result.data))
+                    + ". ")
+            if union:
+                lead += ("The chain's union (every candidate the ranker orders) finds " + ", ".join(
+                    f"{num(get(union, c, 'recall@all'), 3)} of the {COHORTS[c]} purchases with "
+                    f"{num(get(union, c, 'candidates'), 0)} candidates" for c in SOURCE_COHORTS if c in union) + ". ")
+            else:
+                lead += "This report predates the chain's per-source recall (no `chain_sources` in the file). "
+            lead += split_sentence(result.data)
         return f"{table}\n\n{source_note(result, lead=lead)}"
     build.__doc__ = f"Candidate sources, {DATASET_NAMES[dataset]}: recall@50/100/200 per cohort (newest main job)."
     return build
@@ -387,7 +397,7 @@ LLM_COLUMNS = (("MAP@12 history", "with_history map@12"), ("R@100 history", "wit
 def llm_value() -> str:
     """What the LLM attributes are worth (issue #19 (a)-(d)): every model of the newest llm-value ablation, per
     variant of the item JSON."""
-    result = newest("llm-value", "-hm")
+    result = newest("llm-value-chain", "-hm")
     summary: Mapping[str, Any] = result.data.get("summary") or {}
     if not summary:
         raise TableError(f"{result.cited}: no summary")

@@ -148,6 +148,10 @@ def report(dataset: str, date: str, new_format: bool) -> dict[str, Any]:
         split.update(validation=True, cart_users=8)
         data["sources"] = {"own": {c: {"recall@50": 0.1, "recall@100": 0.2, "recall@200": 0.3, "users": 10}
                                    for c in ("with_history", "without_history", "cart")}}
+        data["chain_sources"] = {
+            "union": {c: {"recall@all": 0.6, "candidates": 250.0, "users": 10} for c in ("with_history", "cart")},
+            "near:item_tower": {c: {"recall@50": 0.04, "recall@100": 0.05, "recall@200": 0.06, "users": 10}
+                                for c in ("with_history", "without_history", "cart")}}
     return data
 
 
@@ -179,7 +183,10 @@ def test_the_newest_file_by_the_date_in_its_name_is_read(results: Path) -> None:
     assert f"| `rules` | {best} | **0.0030** |" in out
     assert "| `atelier` |" in out and "| `popularity` |" in out
     sources = tables.TABLES["sources-hm"]()
-    assert "| `own` | 0.100 | 0.200 | 0.300 |" in sources
+    assert "| `own` (rules) | **0.100** | **0.200** | **0.300** |" in sources
+    assert "| `near:item_tower` (chain) | 0.040 | 0.050 | 0.060 |" in sources
+    assert "union (every candidate the ranker orders) finds 0.600 of the history purchases with 250 candidates" \
+        in sources
 
 
 def test_an_older_report_shows_dashes_for_what_it_lacks(results: Path) -> None:

@@ -169,3 +169,24 @@ def test_repurchase_first_shares_a_fitted_model() -> None:
     # Chosen without its base, the wrapper fits the base itself.
     alone = _select([pop, wrapper], ["repurchase+popularity"])
     assert alone == [wrapper] and not wrapper.shared
+
+
+def test_chain_source_recall_scores_each_source_and_the_union() -> None:
+    """Each source is cut at its own k with the cart's items removed; the union counts every candidate."""
+    from atelier.evaluate import CandidateLister, chain_source_recall
+
+    class Lister:
+        def candidate_lists(self, queries: list[Query]) -> dict[str, list[list[str]]]:
+            near = [[f"n{i}" for i in range(300)] for _ in queries]  # the bought item sits at rank 120
+            own = [["cart", "a"] for _ in queries]
+            return {"union": [n + o for n, o in zip(near, own, strict=True)], "near": near, "own": own}
+
+    assert isinstance(Lister(), CandidateLister)
+    queries = [Query("u1", cart=("cart",)), Query("u2")]
+    actual = {"u1": {"n120", "a"}, "u2": {"zzz"}}
+    out = chain_source_recall(Lister(), {"cart": (queries, actual), "empty": ([], {})})
+    assert set(out) == {"union", "near", "own"} and set(out["near"]) == {"cart"}
+    assert out["near"]["cart"]["recall@100"] == 0.0 and out["near"]["cart"]["recall@200"] == 0.25
+    assert out["own"]["cart"]["recall@50"] == 0.25  # "a" for u1 (1 of 2), nothing for u2
+    assert out["union"]["cart"]["recall@all"] == 0.5
+    assert out["union"]["cart"]["candidates"] == 301.5  # u1's cart item is not a candidate for u1

@@ -622,17 +622,25 @@ def print_report(report: dict[str, object]) -> None:
                       f"{cart.get('recall@100', float('nan')):.4f}", "n/a" if cold != cold else f"{cold:.4f}",
                       f"{m['coverage@12']:.4f}", f"{m['fit_seconds']:.1f}")
     console.print(table)
-    sources: dict[str, dict[str, dict[str, float]]] = report.get("sources", {})  # type: ignore[assignment]
-    if sources:
+    for key, what in (("sources", "the rule set's sources"), ("chain_sources", "the ranking chain's sources")):
+        sources: dict[str, dict[str, dict[str, float]]] = report.get(key, {})  # type: ignore[assignment]
+        if not sources:
+            continue
         cohorts = list(dict.fromkeys(c for per in sources.values() for c in per))
-        table = Table(title=f"{report['dataset']}: candidate sources on their own (recall@50 / @100 / @200)")
+        table = Table(title=f"{report['dataset']}: {what} on their own (recall@50 / @100 / @200; "
+                            "union: recall of all candidates, mean count)")
         table.add_column("source")
         for cohort in cohorts:
             table.add_column(cohort, justify="right")
         for name, per in sources.items():
-            table.add_row(name, *[" / ".join(f"{per[c][f'recall@{k}']:.3f}" for k in (50, 100, 200))
-                                  if c in per else "" for c in cohorts])
+            table.add_row(name, *[_source_cell(per[c]) if c in per else "" for c in cohorts])
         console.print(table)
+
+
+def _source_cell(row: dict[str, float]) -> str:
+    if "recall@all" in row:
+        return f"{row['recall@all']:.3f} of {row['candidates']:.0f}"
+    return " / ".join(f"{row[f'recall@{k}']:.3f}" for k in (50, 100, 200))
 
 
 @app.command("evaluate")

@@ -16,7 +16,8 @@ Definitions (DESIGN.md section 8):
   as their cart (and nothing else) and scored on the rest (``datasets.cart_queries``; the cart's
   items are removed from every model's list, as the API does). Cold items: recall of test (user,
   item) pairs whose item had no training interaction.
-- Candidate sources (``atelier.sources``): what each finds on its own, recall@50/100/200 per cohort.
+- Candidate sources (``atelier.sources``): what each finds on its own, recall@50/100/200 per cohort; the
+  ranking chain's own sources the same way (``chain_sources``), with the recall of their union.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -109,6 +111,40 @@ def source_recall(
     return out
 
 
+@runtime_checkable
+class CandidateLister(Protocol):
+    """A fitted recommender that can show its candidate sources' lists (the ranking chain)."""
+
+    def candidate_lists(self, queries: Sequence[Query]) -> dict[str, list[list[str]]]:
+        """Per source (and ``union``: all candidates), each query's candidate items in the source's order."""
+        ...
+
+
+def chain_source_recall(
+    rec: CandidateLister, cohorts: dict[str, tuple[list[Query], dict[str, set[str]]]],
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Recall@50/100/200 of each of a chain's own sources per cohort, as ``source_recall`` scores the rule
+    sources; the ``union`` row holds the recall of all candidates (``recall@all``) and their mean count."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    k = max(SOURCE_KS)
+    for cohort, (queries, actual) in cohorts.items():
+        if not queries:
+            continue
+        truth = {q.user_id: actual[q.user_id] for q in queries}
+        for name, lists in rec.candidate_lists(queries).items():
+            if name == "union":  # every candidate, however many: what the ranker can reach at best
+                union = without_cart(queries, lists, max(map(len, lists), default=0))
+                found = [len(truth[u] & set(union[u])) / len(truth[u]) for u in truth if truth[u]]
+                row = {"recall@all": float(np.mean(found)) if found else 0.0,
+                       "candidates": float(np.mean([len(v) for v in union.values()])), "users": float(len(found))}
+            else:
+                per_user = score_users(truth, without_cart(queries, lists, k), ks=SOURCE_KS)
+                row = {**{f"recall@{c}": float(per_user[f"recall@{c}"].mean()) for c in SOURCE_KS},
+                       "users": float(len(per_user))}
+            out.setdefault(name, {})[cohort] = row
+    return out
+
+
 def git_commit() -> str:
     """The checkout's commit (with '+dirty' when it has uncommitted changes), or 'unknown'."""
     try:
@@ -187,6 +223,11 @@ def evaluate(
                                                cart_actual, cold_items)
         result.update(fit_seconds=round(t1 - t0, 2), recommend_seconds=round(t2 - t1 + t3 - t2, 2))
         report["models"][rec.name] = result  # type: ignore[index]
+        if isinstance(rec, CandidateLister) and "chain_sources" not in report:
+            # every chain model of a window shares its candidates (just built for these queries): once is enough
+            report["chain_sources"] = chain_source_recall(rec, {
+                "with_history": (with_history, actual), "without_history": (without, actual),
+                "cart": (carts, cart_actual)})
     return report
 
 

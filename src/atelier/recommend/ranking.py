@@ -254,6 +254,23 @@ class RankedChain:
                 out[qi] += [Ranked(i, 0.0, None) for i in pad]
         return out
 
+    def source_lists(self, queries: Sequence[Query]) -> dict[str, list[list[str]]]:
+        """Per source, each query's candidates from that source in the source's own order; under ``union``,
+        every candidate of the query (what the ranker orders). For per-source recall in reports."""
+        cands, _ = self.pipeline.rows(queries)
+        ids = self.pipeline.item_ids
+        per_query = cands.per_query(len(queries))
+        out = {"union": [[str(ids[i]) for i in cands.item[rows]] for rows in per_query]}
+        for s, name in enumerate(cands.sources):
+            lists = []
+            for rows in per_query:
+                ranks = cands.rank[rows, s]
+                proposed = ~np.isnan(ranks)
+                mine = rows[proposed][np.argsort(ranks[proposed], kind="stable")]
+                lists.append([str(ids[i]) for i in cands.item[mine]])
+            out[name] = lists
+        return out
+
 
 # --------------------------------------------------------------------------- what a dataset's chain is built from
 

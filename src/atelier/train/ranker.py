@@ -367,6 +367,11 @@ class ChainRecommender(Recommender):
         assert self.chain is not None, "call fit() first"
         return [[r.item_id for r in got] for got in self.chain.rank(queries, k)]
 
+    def candidate_lists(self, queries: Sequence[Query]) -> dict[str, list[list[str]]]:
+        """Each of the chain's sources' candidates per query, and their union (the harness's source recall)."""
+        assert self.chain is not None, "call fit() first"
+        return self.chain.source_lists(queries)
+
     def save(self, path: Path, extra: Mapping[str, Any] | None = None) -> None:
         """Checkpoint the DeepFM with what rebuilds its chain: the spec, feature names and scale, fallback."""
         assert self.chain is not None and isinstance(self.chain.scorer, DeepFMScorer), "only the DeepFM is saved"
