@@ -4,7 +4,7 @@ The GPU machine has torch, transformers and peft but not atelier's other needs, 
 project has the same three steps (``bench_loglik_gpu.py`` and ``bench_lora_gpu.py`` use the same loader
 and scorer, ``atelier.enrich.gpu``):
 
-1. **export** (here): ``python benchmarks/bench_enrich_gpu.py export --dataset hm --out .build/devcarry/enrich``
+1. **export** (here): ``python -m benchmarks.bench_enrich_gpu export --dataset hm --out .build/devcarry/enrich``
    builds, with llama.cpp's own tokenizer, every product's log-likelihood *tree* exactly as the CPU scorer
    asks it (``loglik.LogLikExtractor.score_questions``): the product prefix, one ask per STD field the
    catalogue columns lack (``prepare(...).fields`` under the default ``EnrichOptions``, the question of
@@ -17,7 +17,7 @@ and scorer, ``atelier.enrich.gpu``):
 2. **run** (GPU): ``python3 src/atelier/enrich/gpu.py run --spec spec.npz --gguf-dir G --out OUT
    --lora lora=data/adapters/gemma3-270m-std-lora`` scores every tree with the base model and with the
    committed LoRA (merged), writes the best candidate per ask (raw and calibrated) and the timings.
-3. **collect** (here): ``python benchmarks/bench_enrich_gpu.py collect --picks OUT --index .../index.json.gz``
+3. **collect** (here): ``python -m benchmarks.bench_enrich_gpu collect --picks OUT --index .../index.json.gz``
    turns the picks into predictions for the gold set (``gold-picks.json``, read by
    ``bench_extraction.py gold-std/gold-re``) and, with ``--ship``, runs the ``hybrid`` extractor over every
    product of the catalogue with its LLM sources answered from the picks, so the records are the CPU
@@ -26,7 +26,7 @@ and scorer, ``atelier.enrich.gpu``):
 
 ``carry`` splits the GGUF into chunks small enough to travel with the working tree (64 MiB a call).
 
-**ship** (here, one command): ``python benchmarks/bench_enrich_gpu.py ship --dataset hm`` writes
+**ship** (here, one command): ``python -m benchmarks.bench_enrich_gpu ship --dataset hm`` writes
 ``data/enriched/hm-enriched.jsonl.gz`` + manifest directly, for a ``field_sources.toml`` with no LLM source
 (today's: no LLM beat the keyword / majority / TF-IDF baselines on the gold train split, so there is nothing
 for the GPU to score); it refuses a configuration with LLM sources, which needs export / run / collect --ship.
@@ -47,7 +47,6 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 # ---------------------------------------------------------------- export (here)
@@ -136,9 +135,6 @@ class SetWriter:
 
 def export(dataset: str, out: Path, limit: int | None, gold: bool) -> None:
     """Trees of every distinct product of ``dataset`` (and of the gold set); ``spec.npz`` + ``index.json.gz``."""
-    from bench_extraction import GOLD_FIELDS, gold_products
-    from gold_set import load as load_gold
-
     from atelier.config import Settings
     from atelier.enrich.batch import load_products
     from atelier.enrich.core import EnrichOptions, prepare
@@ -146,6 +142,8 @@ def export(dataset: str, out: Path, limit: int | None, gold: bool) -> None:
     from atelier.enrich.phrases import PHRASES_VERSION, candidate_phrases
     from atelier.enrich.prompt import PROMPT_VERSION
     from atelier.schema import load_schema
+    from benchmarks.bench_extraction import GOLD_FIELDS, gold_products
+    from benchmarks.gold_set import load as load_gold
 
     t0 = time.perf_counter()
     settings, schema = Settings(), load_schema()
@@ -341,7 +339,7 @@ def ship_catalogue(index: dict[str, Any] | None, picks: dict[str, Any], report: 
     manifest = write_shipped(products, hybrid, schema, options, out, name, dataset, extra={
         "how": how + "; hybrid over every distinct product through the CPU path (prompt, parse, validation); "
                "MiniLM and TF-IDF sources from one batched pass over the distinct texts",
-        "command": " ".join(["python benchmarks/bench_enrich_gpu.py", *sys.argv[1:]]),
+        "command": " ".join(["python -m benchmarks.bench_enrich_gpu", *sys.argv[1:]]),
         "sources": {f: s.backend for f, s in hybrid.sources.fields.items()}, "re": hybrid.sources.re,
         "versions": hybrid.versions(), "llm_sources": llm,
         "stand_ins": {k: v.model_id for k, v in backends.items()},
@@ -431,7 +429,7 @@ def tower_eval(dataset: str, checkpoints: Path, run_dir: Path, out: Path) -> Non
                         use_text=flags[2]))
     report = evaluate(dataset, settings.paths.dataset(dataset), recs, settings.paths.features,
                       on_model=lambda n: print("evaluating", n, flush=True))
-    report["command"] = f"python benchmarks/bench_enrich_gpu.py tower-eval --checkpoints {checkpoints}"
+    report["command"] = f"python -m benchmarks.bench_enrich_gpu tower-eval --checkpoints {checkpoints}"
     path = write_report({**report, "dataset": f"{dataset}-item-tower-re"}, out)
     for name, m in report["models"].items():  # type: ignore[attr-defined]
         a, h = m["cohorts"]["all"], m["cohorts"]["with_history"]

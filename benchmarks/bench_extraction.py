@@ -1,6 +1,6 @@
 """Attribute-extraction accuracy: embedded-LLM variants vs non-LLM baselines, on held-out halves.
 
-Standalone: ``python benchmarks/bench_extraction.py --n 100 --seed 0 [--backends embedded]
+Standalone: ``python -m benchmarks.bench_extraction --n 100 --seed 0 [--backends embedded]
 [--write-sources]`` (needs ``atelier ingest -d hm -d myntra``; the LLM columns need ``make llm``).
 
 For a fixed random sample (``--seed``) of each catalogue, the labelled columns are hidden: the
@@ -35,7 +35,7 @@ where it strictly beats every zero-shot and every supervised baseline) to
 ``atelier/enrich/field_sources.toml``; report the test half. Results go to
 ``benchmarks/results/extraction-<date>-<tag>.json``; Markdown tables of both halves are printed.
 
-``python benchmarks/bench_extraction.py gold [--llm-n 40]`` scores the same methods against the gold set
+``python -m benchmarks.bench_extraction gold [--llm-n 40]`` scores the same methods against the gold set
 (``benchmarks/gold/*.jsonl``: labels written by language-model sessions following the guide
 ``benchmarks/gold/GUIDE.md``, see its README; helpers ``benchmarks/gold_set.py``) on its test split, for
 every STD field the annotators filled: the baselines on all test products (majority = the train split's
@@ -43,7 +43,7 @@ most frequent value), the LLM variants on the first ``--llm-n`` test products by
 what ``hybrid`` answers under ``field_sources.toml``. The generating backend is also asked every RE
 field, and its phrases are scored against the gold phrases (token-overlap match, see ``phrase_match``;
 echo share of prompt wording). Results: ``benchmarks/results/extraction-gold-<date>.json``.
-``python benchmarks/bench_extraction.py agreement`` compares a second annotation pass
+``python -m benchmarks.bench_extraction agreement`` compares a second annotation pass
 (``benchmarks/gold/second_pass.jsonl``) with the gold set. Tables: ``benchmarks/tables_extraction.py``.
 """
 
@@ -646,7 +646,7 @@ def hybrid_preds(preds: dict[str, dict[str, list[str | None]]], field: str, n: i
 def gold_dataset(settings: Settings, dataset: str, path: Path, args: argparse.Namespace,
                  cache_file: Path, supervised: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score every method on the test split of one gold file."""
-    from gold_set import load as load_gold
+    from benchmarks.gold_set import load as load_gold
 
     schema = load_schema()
     records = load_gold(path)
@@ -848,7 +848,6 @@ def gold_main(argv: list[str]) -> None:
     if args.table:
         print(gold_markdown(json.loads(args.table.read_text())))
         return
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     settings = Settings()
     commit = git_commit()
     cache_file = settings.run_dir / "enrich" / "bench-cache.jsonl"
@@ -998,7 +997,7 @@ RE_LLM = ("phrases_ll", "phrases_ll_lora", "phrases_ll_rest", "phrases_ll_lora_r
 
 def gold_split(settings: Settings, dataset: str) -> dict[str, tuple[list[dict[str, Any]], list[RawProduct]]]:
     """{split: (gold records, their products as the extractors see them)} of one gold file."""
-    from gold_set import load as load_gold
+    from benchmarks.gold_set import load as load_gold
 
     recs = load_gold(ROOT / "benchmarks" / "gold" / f"{dataset}.jsonl")
     out = {}

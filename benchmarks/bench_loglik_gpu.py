@@ -2,7 +2,7 @@
 
 Two steps, because the GPU machine has torch and transformers but not atelier's other needs:
 
-1. here: ``python benchmarks/bench_loglik_gpu.py export --out DIR [--n-extra 2000]`` writes
+1. here: ``python -m benchmarks.bench_loglik_gpu export --out DIR [--n-extra 2000]`` writes
    ``DIR/spec.json``: the scorer's prompt template, questions and candidate labels (from
    ``atelier.enrich.loglik``), the benchmark sample (same seed, with gold values) and extra random
    products for throughput. Product text is copied there: keep DIR out of git.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,7 @@ from typing import Any
 
 def export(out: Path, n: int, seed: int, n_extra: int) -> None:
     """Write the scorer spec, the benchmark sample with gold values and extra products."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import pandas as pd
-    from bench_extraction import FIELDS, sample
 
     from atelier.config import Settings
     from atelier.enrich.fieldwise import product_text
@@ -38,6 +35,7 @@ def export(out: Path, n: int, seed: int, n_extra: int) -> None:
     from atelier.enrich.prompt import label_maps
     from atelier.ingest import load_tables
     from atelier.schema import load_schema
+    from benchmarks.bench_extraction import FIELDS, sample
 
     settings, schema = Settings(), load_schema()
     labels = label_maps(schema)

@@ -1,6 +1,6 @@
 """Tuning-half comparison of ``embedded-ll`` prompt variants (same sample and split as bench_extraction.py).
 
-``python benchmarks/bench_loglik_variants.py`` scores the tuning half only (the test half stays
+``python -m benchmarks.bench_loglik_variants`` scores the tuning half only (the test half stays
 unseen) with capitalised labels (``capitalise``) and with the options listed in the question
 (``list_options``), raw and calibrated, and writes ``benchmarks/results/extraction-<date>-variants.json``.
 A variant that beat every baseline on a field here would then be run on the test half.
@@ -8,18 +8,14 @@ A variant that beat every baseline on a field here would then be run on the test
 import datetime as dt
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extraction import FIELDS, ROOT, git_commit, machine, sample, split_halves
 
 from atelier.config import Settings
 from atelier.enrich.fieldwise import product_text
 from atelier.enrich.loglik import LogLikExtractor
+from benchmarks.bench_extraction import FIELDS, ROOT, git_commit, machine, sample, split_halves
 
 commit = git_commit()
 settings = Settings()

@@ -1,6 +1,6 @@
 """LoRA on Gemma 3 270M for STD extraction, trained on the labels catalogue columns give for free.
 
-1. here: ``python benchmarks/bench_lora_gpu.py export --out .devcarry/lora`` writes token ids
+1. here: ``python -m benchmarks.bench_lora_gpu export --out .devcarry/lora`` writes token ids
    (llama.cpp's tokenizer) for: the training rows (``bench_extraction.training_pool``: 4,000 H&M
    articles and 4,000 Myntra styles with no evaluation item's id, ``group_id`` or normalised text, the
    evaluation items being the benchmark sample's tuning and test halves and the whole gold set:
@@ -8,7 +8,7 @@
    form), the benchmark sample (100 per catalogue, seed 0, with its tuning/test halves, split seed 1)
    and the gold test split; and ``pool.json`` (the pool's item ids, what was kept out and the leaks of
    the first adapter's id-only pool).
-2. there: ``python bench_lora_gpu.py run --spec DIR/spec.json --gguf-dir D --out OUT`` scores every
+2. there: ``python -m benchmarks.bench_lora_gpu run --spec DIR/spec.json --gguf-dir D --out OUT`` scores every
    allowed label of every evaluated field (mean log-probability per label token after the field's
    question, the ``embedded-ll`` method) with the base model (unless ``--no-base``), trains a LoRA
    adapter (peft, bf16) on the training rows (loss on the label tokens only), scores again, saves the
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,16 +28,6 @@ from typing import Any
 
 def export(out: Path, n_train: int, seed: int) -> None:
     """Training rows and evaluation sets as llama.cpp token ids; the pool's ids and exclusions in pool.json."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_extraction import (
-        FIELDS,
-        gold_products,
-        pool_leaks,
-        pool_rows,
-        sample,
-        split_halves,
-        training_pool,
-    )
     from llama_cpp import Llama
 
     from atelier.config import Settings
@@ -47,6 +36,15 @@ def export(out: Path, n_train: int, seed: int) -> None:
     from atelier.enrich.loglik import _TURN, QUESTIONS, SPOKEN
     from atelier.enrich.prompt import label_maps
     from atelier.schema import load_schema
+    from benchmarks.bench_extraction import (
+        FIELDS,
+        gold_products,
+        pool_leaks,
+        pool_rows,
+        sample,
+        split_halves,
+        training_pool,
+    )
 
     if (n_train, seed) != (4000, 7):
         raise SystemExit("the pool is bench_extraction.training_pool's (4,000 a catalogue, seed 7): the supervised "
@@ -113,8 +111,7 @@ def run(spec_path: Path, gguf_dir: Path, gguf_file: str, out: Path, steps: int, 
     """Score with the base model, train LoRA, score again; report and adapter to ``out``."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_enrich_gpu import load_model
+    from atelier.enrich.gpu import load_model  # the GPU machine gets the carried wheels (pydantic too)
 
     if spec_path.suffix == ".gz":  # gzip it to carry it: token ids compress about 17x
         import gzip

@@ -1,6 +1,6 @@
 """Benchmark the web service: POST /recommend latency under a simple load, and ingest-to-live time.
 
-Standalone: ``python benchmarks/bench_serve.py [--sequential 500] [--concurrent 200 --clients 8]``.
+Standalone: ``python -m benchmarks.bench_serve [--sequential 500] [--concurrent 200 --clients 8]``.
 It starts the real service (``uvicorn atelier.serve.app:app_from_env --factory``) in a subprocess
 on a free loopback port over the run folder's H&M index (``atelier run`` must have run), then:
 
@@ -37,8 +37,7 @@ import httpx
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_store import git_commit, machine  # a sibling script, not a package
+from benchmarks.bench_store import git_commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXTS = ["black dress for a wedding", "summer holiday beach", "office blazer navy", "cosy knitwear for winter",
@@ -206,7 +205,7 @@ def main() -> None:
     live_s = [r["live_s"] for r in live if r["live_s"] is not None]
     result = {
         "benchmark": "serve",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python -m benchmarks.bench_serve", *sys.argv[1:]]),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "machine": {**machine(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},

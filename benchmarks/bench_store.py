@@ -1,6 +1,6 @@
 """Benchmark the pgvector store: load, HNSW build, recall@100, latency and throughput vs numpy and FAISS.
 
-Standalone: ``python benchmarks/bench_store.py --sizes 10000 105542 [--real PATH.npy]``.
+Standalone: ``python -m benchmarks.bench_store --sizes 10000 105542 [--real PATH.npy]``.
 Synthetic vectors (default) are unit-normalised Gaussian mixtures; ``--real`` takes the rows of a
 ``.npy`` file (e.g. the MiniLM vectors of the H&M catalogue). Held-out queries are not in the index.
 For each size it measures, in one run and on one machine:
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.model_validate({"run_dir": run_dir, "DATABASE_URL": args.database_url})
     config = IndexConfig(m=args.m, ef_construction=args.ef_construction)
     info: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python -m benchmarks.bench_store", *sys.argv[1:]]),
         "git_commit": git_commit(),
         "date": date.isoformat(timespec="seconds"),
         "machine": machine(),

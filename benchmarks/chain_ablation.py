@@ -47,6 +47,7 @@ from atelier.recommend.ranking import RankingSpec, RowScorer
 from atelier.recommend.sources import RulesRecommender
 from atelier.recommender import Query, Recommender, TrainData
 from atelier.train.ranker import ChainRecommender, RankerTrainConfig, Rows
+from benchmarks.llm_value_ablation import summary
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUPS = ("seeds", "sources", "features")
@@ -133,18 +134,6 @@ def suite(settings: Settings, dataset: str, group: str) -> list[Recommender]:
                           for label, prefixes in FEATURE_GROUPS.items()]
         return [*rules, chain("deepfm", "atelier"), *blanked_chains]
     raise ValueError(f"unknown group {group!r}; choose from {GROUPS}")
-
-
-def summary(report: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """MAP@12 and Recall@100 per cohort and cold-item recall@100, per model."""
-    out = {}
-    for name, m in report["models"].items():
-        coh = m["cohorts"]
-        row: dict[str, float | None] = {f"{c} {k}": coh.get(c, {}).get(k) for c in ("all", "with_history", "cart")
-                                        for k in ("map@12", "recall@100")}
-        row["cold recall@100"] = m["cold_items"]["recall@100"]
-        out[name] = row
-    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

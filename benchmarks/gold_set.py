@@ -1,7 +1,7 @@
 """The gold set (labels written by language-model sessions following GUIDE.md; issue #5 part 7): split rule,
 applicable fields, file check, loading.
 
-Format and annotation rules: ``benchmarks/gold/GUIDE.md``. ``python benchmarks/gold_set.py check
+Format and annotation rules: ``benchmarks/gold/GUIDE.md``. ``python -m benchmarks.gold_set check
 benchmarks/gold/hm.jsonl`` validates a file; ``bench_extraction.py gold`` scores extractors on it.
 """
 

@@ -5,7 +5,7 @@ recommender over item-tower vectors for each trained variant (STD+RE+text, STD+R
 plus an untrained tower, so SimCSE's effect and each token type's share are visible.
 Checkpoints come from ``benchmarks/item_tower_gpu.py train`` (or ``atelier train item``).
 
-    python benchmarks/item_tower_ablation.py --checkpoints runs/models/gpu --out benchmarks/results
+    python -m benchmarks.item_tower_ablation --checkpoints runs/models/gpu --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
                                      name="tower:untrained"))
     report = evaluate(args.dataset, settings.paths.dataset(args.dataset), recs, settings.paths.features,
                       on_model=lambda n: print("evaluating", n, flush=True))
-    report["command"] = "python benchmarks/item_tower_ablation.py " + " ".join(
+    report["command"] = "python -m benchmarks.item_tower_ablation " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
     path = write_report({**report, "dataset": f"{args.dataset}-item-tower-ablation"}, args.out)
     for name, m in report["models"].items():  # type: ignore[attr-defined]

@@ -3,9 +3,9 @@
 Two steps, because the GPU machine has no benchmark data and no text encoder weights:
 
     # here: pack the H&M catalogue's tower inputs (tokens + MiniLM vectors, deduplicated, fp16)
-    python benchmarks/item_tower_gpu.py pack --dataset hm --out .devcarry/hm_inputs.pt
+    python -m benchmarks.item_tower_gpu pack --dataset hm --out .devcarry/hm_inputs.pt
     # there (one GPU, or several with torchrun): train each variant, time every epoch
-    python benchmarks/item_tower_gpu.py train --inputs .devcarry/hm_inputs.pt --device cuda --out $OUT
+    python -m benchmarks.item_tower_gpu train --inputs .devcarry/hm_inputs.pt --device cuda --out $OUT
 
 ``train`` writes one checkpoint per variant (weights in bf16 to stay small; ``atelier`` loads
 them like its own) and ``timings.json`` with seconds and items/s per epoch, the device and date.
@@ -76,7 +76,7 @@ def train(inputs_path: Path, device: str, out: Path, epochs: int, variants: list
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     results: dict[str, object] = {
-        "command": "python benchmarks/item_tower_gpu.py train " + " ".join(os.sys.argv[2:]),  # type: ignore[attr-defined]
+        "command": "python -m benchmarks.item_tower_gpu train " + " ".join(os.sys.argv[2:]),  # type: ignore[attr-defined]
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "world_size": world,
         "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__, "items": len(x.tokens), "variants": {},

@@ -176,10 +176,11 @@ def run_variant(variant: str, work_dir: Path, dataset: str, device: str, threads
     print(f"[{variant}] done in {result['seconds']} s", flush=True)
 
 
-def summary(variant: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    """The headline numbers of a variant's models: MAP@12 / Recall@100 per cohort and cold-item recall@100."""
+def summary(report: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """The headline numbers of a harness report's models: MAP@12 / Recall@100 per cohort and cold-item
+    recall@100."""
     out = {}
-    for name, m in variant["report"]["models"].items():
+    for name, m in report["models"].items():
         coh = m["cohorts"]
         row: dict[str, float | None] = {}
         for cohort in ("all", "with_history", "cart"):
@@ -238,11 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": "python -m benchmarks.llm_value_ablation " + " ".join(sys.argv[1:] if argv is None else argv),
         "git_commit": commit, "machine": machine(), "device": _device_name(args.device), "date": today,
         "dataset": args.dataset, "split": variants[0]["report"]["split"], "prepare": prepared,
-        "summary": {v["variant"]: summary(v) for v in variants},
+        "summary": {v["variant"]: summary(v["report"]) for v in variants},
         "variants": {v["variant"]: v for v in variants},
     }, indent=2, default=float)
     for v in variants:
-        for name, row in summary(v).items():
+        for name, row in summary(v["report"]).items():
             print(f"{v['variant']:8s} {name:24s} " + "  ".join(f"{k} {x:.4f}" if x is not None else f"{k} -"
                                                               for k, x in row.items()))
     print(json.dumps({"result": str(out)}))

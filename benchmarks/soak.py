@@ -15,7 +15,7 @@ An error is a transport failure, any 5xx, or a status the request cannot legitim
 404 for an id the load generator knows exists). Bounded: a fixed duration, a fixed client count,
 a token-bucket rate, loopback only.
 
-    nice -n 10 python benchmarks/soak.py --minutes 10
+    nice -n 10 python -m benchmarks.soak --minutes 10
 """
 
 from __future__ import annotations
@@ -60,8 +60,7 @@ def git_commit() -> str:
 
 def build_run(run_dir: Path, data_dir: Path) -> Path:
     """The serving tests' tiny indexed run (ingest, vocabulary, small tower, encode, index)."""
-    sys.path.insert(0, str(ROOT))
-    from tests.test_serve_api import build_tiny_run
+    from tests.helpers import build_tiny_run
 
     build_tiny_run(run_dir, data_dir)
     return run_dir
@@ -321,7 +320,7 @@ def main() -> int:
             return round(lat[min(len(lat) - 1, int(q * len(lat)))], 1) if lat else 0.0
 
         result = {
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "command": " ".join(["python -m benchmarks.soak", *sys.argv[1:]]),
             "git_commit": git_commit(),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "python": platform.python_version(),

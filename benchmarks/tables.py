@@ -338,35 +338,73 @@ def main_job_time() -> str:
 SOURCE_COHORTS = ("with_history", "without_history", "cart")
 
 
+def sources_markdown(result: Result, report: Mapping[str, Any]) -> str:
+    """Recall@50/100/200 per cohort of the rule set's sources and the chain's own sources in ``report``
+    (a harness report held by ``result``), with the union of the chain's candidates in the lead."""
+    sources: Mapping[str, Any] = report.get("sources") or {}
+    chain: dict[str, Any] = dict(report.get("chain_sources") or {})
+    union = chain.pop("union", None)
+    head = ["source", *(f"R@{k} {COHORTS[c]}" for c in SOURCE_COHORTS for k in (50, 100, 200))]
+    if not sources:
+        return f"{markdown(head, [[DASH] * len(head)])}\n\n" + source_note(
+            result, lead="This report predates per-source recall (no `sources` in the file).")
+    rows = [*((f"`{s}` (rules)", per) for s, per in sources.items()),
+            *((f"`{s}` (chain)", per) for s, per in chain.items())]
+    values = [[get(per, c, f"recall@{k}") for c in SOURCE_COHORTS for k in (50, 100, 200)] for _, per in rows]
+    table = numeric_table(head, [[label] for label, _ in rows], values, digits=3)
+    users = {c: next((get(per, c, "users") for per in sources.values() if get(per, c, "users")), None)
+             for c in SOURCE_COHORTS}
+    lead = "Users per cohort: " + ", ".join(f"{COHORTS[c]} {num(users[c], 0)}" for c in SOURCE_COHORTS) + ". "
+    if union:
+        lead += ("The chain's union (every candidate the ranker orders) finds " + ", ".join(
+            f"{num(get(union, c, 'recall@all'), 3)} of the {COHORTS[c]} purchases with "
+            f"{num(get(union, c, 'candidates'), 0)} candidates" for c in SOURCE_COHORTS if c in union) + ". ")
+    else:
+        lead += "This report predates the chain's per-source recall (no `chain_sources` in the file). "
+    return f"{table}\n\n{source_note(result, lead=lead + split_sentence(report))}"
+
+
 def sources_table(dataset: str) -> Builder:
     """What each candidate source of the newest main job finds on its own: recall@50/100/200 per cohort."""
     def build() -> str:
         result = newest("main-job", f"-{dataset}")
-        sources: Mapping[str, Any] = result.data.get("sources") or {}
-        chain: Mapping[str, Any] = dict(result.data.get("chain_sources") or {})
-        union = chain.pop("union", None)
-        head = ["source", *(f"R@{k} {COHORTS[c]}" for c in SOURCE_COHORTS for k in (50, 100, 200))]
-        if not sources:
-            table = markdown(head, [[DASH] * len(head)])
-            lead = "This report predates per-source recall (no `sources` in the file)."
-        else:
-            rows = [*((f"`{s}` (rules)", per) for s, per in sources.items()),
-                    *((f"`{s}` (chain)", per) for s, per in chain.items())]
-            values = [[get(per, c, f"recall@{k}") for c in SOURCE_COHORTS for k in (50, 100, 200)] for _, per in rows]
-            table = numeric_table(head, [[label] for label, _ in rows], values, digits=3)
-            users = {c: next((get(per, c, "users") for per in sources.values() if get(per, c, "users")), None)
-                     for c in SOURCE_COHORTS}
-            lead = ("Users per cohort: " + ", ".join(f"{COHORTS[c]} {num(users[c], 0)}" for c in SOURCE_COHORTS)
-                    + ". ")
-            if union:
-                lead += ("The chain's union (every candidate the ranker orders) finds " + ", ".join(
-                    f"{num(get(union, c, 'recall@all'), 3)} of the {COHORTS[c]} purchases with "
-                    f"{num(get(union, c, 'candidates'), 0)} candidates" for c in SOURCE_COHORTS if c in union) + ". ")
-            else:
-                lead += "This report predates the chain's per-source recall (no `chain_sources` in the file). "
-            lead += split_sentence(result.data)
-        return f"{table}\n\n{source_note(result, lead=lead)}"
+        return sources_markdown(result, result.data)
     build.__doc__ = f"Candidate sources, {DATASET_NAMES[dataset]}: recall@50/100/200 per cohort (newest main job)."
+    return build
+
+
+ABLATION_GROUPS = {"seeds": "seeds", "sources": "sources removed", "features": "features blanked"}
+
+
+def chain_ablation(dataset: str) -> Builder:
+    """The served chain's ablations (issue #20): seeds, candidate sources, feature groups, each group with the
+    rule set of its own run (newest chain-ablation file of ``dataset``)."""
+    def build() -> str:
+        result = newest("chain-ablation", f"-{dataset}")
+        groups: Mapping[str, Any] = result.data.get("groups") or {}
+        if not groups:
+            raise TableError(f"{result.cited}: no groups")
+        labels, values = [], []
+        for group, label in ABLATION_GROUPS.items():
+            for model, m in (get(groups, group, "summary") or {}).items():
+                labels.append([label, f"`{model}`"])
+                values.append([m.get(key) for _, key in LLM_COLUMNS])
+        table = numeric_table(["group", "model", *(h for h, _ in LLM_COLUMNS)], labels, values)
+        return f"{table}\n\n{source_note(result, lead=split_sentence(result.data))}"
+    build.__doc__ = f"Chain ablations, {DATASET_NAMES[dataset]}: seeds, sources removed, feature groups blanked."
+    return build
+
+
+def chain_sources(dataset: str) -> Builder:
+    """Each source of the served chain on its own, and their union (the seeds group of the newest
+    chain-ablation file of ``dataset``)."""
+    def build() -> str:
+        result = newest("chain-ablation", f"-{dataset}")
+        report = get(result.data, "groups", "seeds", "report")
+        if not report:
+            raise TableError(f"{result.cited}: no seeds group")
+        return sources_markdown(result, report)
+    build.__doc__ = f"Chain sources, {DATASET_NAMES[dataset]}: recall@50/100/200 per cohort and the union."
     return build
 
 
@@ -931,6 +969,10 @@ TABLES: dict[str, Builder] = {
     "item-tower-ablation": item_tower_ablation,
     "item-tower-re": item_tower_re,
     "llm-value": llm_value,
+    "chain-ablation-hm": chain_ablation("hm"),
+    "chain-ablation-rtr": chain_ablation("rtr"),
+    "chain-sources-hm": chain_sources("hm"),
+    "chain-sources-rtr": chain_sources("rtr"),
     "item-behaviour": item_behaviour,
     "search": search,
     "ranker-latency": ranker_latency,

@@ -2,8 +2,8 @@
 
 ``TABLES[name]()`` reads the newest relevant file(s) under ``benchmarks/results/`` and returns one
 Markdown table, then a line naming the files it read (command, commit, machine, date); a missing file
-raises ``FileNotFoundError`` naming it. ``benchmarks/tables.py`` merges ``TABLES`` into its own. ``python
-benchmarks/tables_extraction.py [NAME ...]`` prints them. The tables:
+raises ``FileNotFoundError`` naming it. ``benchmarks/tables.py`` merges ``TABLES`` into its own.
+``python -m benchmarks.tables_extraction [NAME ...]`` prints them. The tables:
 
 - ``extraction-heldout``: per field, every method on the benchmark sample's test half;
 - ``extraction-tuning``: the same on the tuning half, with the method chosen there;

@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--requests", type=int, default=200, help="in-process requests for the breakdown/profile")
     g.add_argument("--seconds", type=float, default=10.0, help="seconds per locust level")
     g.add_argument("--max-level", type=int, default=7, help="levels of 1,2,4,...,64 users")
+    g.add_argument("--levels", type=int, nargs="+", default=None,
+                   help="exactly these user counts, every one of them run (e.g. 1 4 16 64)")
     g.add_argument("--workers", type=int, nargs="+", default=[1],
                    help="uvicorn workers of the full chain (one ladder each)")
     g.add_argument("--omp", type=int, help="also load the full chain with OMP_NUM_THREADS=N (torch threads)")

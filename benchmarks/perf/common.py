@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from atelier.store.pointers import live_model_id
+from benchmarks.bench_store import git_commit, machine
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
@@ -30,11 +31,6 @@ RESULTS = BENCH / "results"
 MAIN_RUNS = ROOT / "runs"
 BENCH_RUN_DIR = Path(os.environ.get("ATELIER_PERF_RUN_DIR", "/tmp/atelier-perf-run"))
 TAG: list[str] = []  # set by --tag: results go to perf-<part>-<date>-<tag>.json (a variant beside the main run)
-
-if str(BENCH) not in sys.path:  # the older scripts are siblings, not a package
-    sys.path.insert(0, str(BENCH))
-
-from bench_store import git_commit, machine  # noqa: E402
 
 
 def today() -> str:

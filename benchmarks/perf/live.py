@@ -32,7 +32,7 @@ def llama_installed() -> bool:
 
 
 def one_config(run_dir: Path, env: dict[str, str], products: int, seed: int) -> dict[str, Any]:
-    from bench_serve import ingest_to_live
+    from benchmarks.bench_serve import ingest_to_live
 
     with service(run_dir, env=env) as svc:
         # an embedded-LLM POST takes tens of seconds on a busy box: a long client timeout

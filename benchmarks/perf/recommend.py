@@ -3,17 +3,17 @@
 Breakdown (in process, one thread, after a warm-up): ``RecommendService.recommend`` over the request
 mix of ``bench_serve.py`` (known users, anonymous carts, context texts, empty requests), with the
 parts it calls wrapped in timers: the user tower's query (two-tower stage), the context text's
-vector, the seed items' vectors (a store read), the ANN search (pgvector HNSW), the rerank stage
-(feature building + DeepFM) when it is registered, fetching the answer items' JSON, the
-explanations, and the response's JSON serialisation. Per request the parts are summed; p50/p95
-per part and their share of the total are reported.
+vector, the seed items' vectors (a store read), the ANN search (pgvector HNSW), the ranked stage
+(each candidate source, their union, the features, the ranker's forward) when it is registered,
+fetching the answer items' JSON, the explanations, and the response's JSON serialisation. Per
+request the parts are summed; p50/p95 per part and their share of the total are reported.
 
 Load (over loopback): the service in its own uvicorn process, locust headless with closed-loop
 users (each sends the next request when the answer is in) at 1, 2, 4, ... users, each level
-bounded in seconds, until a level has errors or p99 > 100 ms (1, 2 and 4 users always run). The
-same ladder runs in the same run for the full chain and for peers: retrieval only (the chain
-without ``rerank``) when a rerank stage is registered, and popularity only (no store round trip,
-no model: the floor of the HTTP + FastAPI + pydantic stack).
+bounded in seconds, until a level has errors or p99 > 100 ms (1, 2 and 4 users always run; with
+``--levels`` exactly the levels given). The same ladder runs in the same run for the full chain and
+for peers: retrieval only (the chain without ``ranked``) when the ranked stage is registered, and
+popularity only (no store round trip, no model: the floor of the HTTP + FastAPI + pydantic stack).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ MIN_LEVELS = 3  # 1, 2 and 4 users are always run
 
 
 def request_bodies(run_dir: Path, n: int, seed: int) -> list[tuple[str, dict[str, Any]]]:
-    from bench_serve import request_mix
+    from benchmarks.bench_serve import request_mix
 
     return request_mix(run_dir, n, seed)
 
@@ -67,15 +67,14 @@ def breakdown(run_dir: Path, n: int = 200, seed: int = 0) -> dict[str, Any]:
             timer.wrap(stage.retriever, "user_vectors", "user tower")
         if isinstance(stage, stages_mod.ContentStage):
             timer.wrap(stage, "context_vector", "context vector (MiniLM + tower)")
-        scorer = getattr(stage, "scorer", None)
-        if stage.name == "rerank" and scorer is not None:
-            import atelier.recommend.ranker as rerank_mod
-
-            # nested: explain and reorder each build features and run the DeepFM
-            timer.wrap(scorer, "reorder", "rerank: reorder (features + DeepFM)")
-            timer.wrap(scorer, "explain", "rerank: explain (features + DeepFM + FM terms)")
-            timer.wrap(scorer.feat, "rows", "rerank: feature building (all calls)")
-            timer.wrap(rerank_mod, "predict", "rerank: DeepFM forward (all calls)")
+        if isinstance(stage, stages_mod.RankedStage):
+            # the ranking chain: each candidate source, the union, the features, the ranker's forward
+            pipeline = stage.chain.pipeline
+            for source in pipeline.generator.sources:
+                timer.wrap(source, "candidates", f"ranked: source {source.name}")
+            timer.wrap(pipeline, "candidates", "ranked: candidates (all sources + union)")
+            timer.wrap(pipeline, "features", "ranked: features")
+            timer.wrap(stage.chain.scorer, "predict", "ranked: ranker forward")
     mix = request_bodies(run_dir, n, seed)
     warm = request_bodies(run_dir, 20, seed + 1)
     per_request: list[dict[str, float]] = []
@@ -111,11 +110,11 @@ def breakdown(run_dir: Path, n: int = 200, seed: int = 0) -> dict[str, Any]:
                for k in sorted(set(kinds))}
     return {"requests": n, "stages": stage_names, "startup_s": round(startup_s, 1), "parts": parts,
             "by_kind": by_kind, "served_by": {s: served.count(s) for s in sorted(set(served))},
-            "rerank_registered": "rerank" in stage_names}
+            "ranked_registered": "ranked" in stage_names}
 
 
 def ladder(run_dir: Path, mix_file: Path, *, stages: list[str] | None, seconds: float, levels: list[int],
-           workers: int = 1, env: dict[str, str] | None = None) -> dict[str, Any]:
+           workers: int = 1, env: dict[str, str] | None = None, every_level: bool = False) -> dict[str, Any]:
     """Locust at increasing users until errors or p99 > 100 ms (the first failing level is kept)."""
     rows = []
     with service(run_dir, stages=stages, workers=workers, env=env) as svc:
@@ -126,7 +125,7 @@ def ladder(run_dir: Path, mix_file: Path, *, stages: list[str] | None, seconds: 
                   f"p99 {row['p99_ms']} ms  failures {row['failures']}", flush=True)
             rows.append(row)
             # at least MIN_LEVELS levels, so a busy machine still gives a throughput curve
-            if len(rows) >= MIN_LEVELS and (row["failures"] or (row["p99_ms"] or 0) > P99_LIMIT_MS):
+            if not every_level and len(rows) >= MIN_LEVELS and (row["failures"] or (row["p99_ms"] or 0) > P99_LIMIT_MS):
                 break
         ready = svc["ready"]
     ok = [r for r in rows if not r["failures"] and (r["p99_ms"] or 1e9) <= P99_LIMIT_MS]
@@ -148,13 +147,13 @@ def run(args: Any) -> Path:
     res["torch_threads_default"] = torch.get_num_threads()
     for label, p in res["breakdown"]["parts"].items():
         print(f"  {label:<36} p50 {p['p50_ms']:>8.2f} ms  p95 {p['p95_ms']:>8.2f} ms  share {p['share_of_total']}")
-    levels = [1, 2, 4, 8, 16, 32, 64][: args.max_level]
+    levels = args.levels or [1, 2, 4, 8, 16, 32, 64][: args.max_level]
     with tempfile.TemporaryDirectory(prefix="perf-mix-") as tmp:
         mix_file = Path(tmp) / "mix.json"
         mix_file.write_text(json.dumps([b for _, b in request_bodies(run_dir, 1000, 3)]))
         configs: dict[str, list[str] | None] = {"full chain": None}
-        if res["breakdown"]["rerank_registered"]:
-            configs["retrieval only (no rerank)"] = [s for s in res["breakdown"]["stages"] if s != "rerank"]
+        if res["breakdown"]["ranked_registered"]:
+            configs["retrieval only (no ranking chain)"] = [s for s in res["breakdown"]["stages"] if s != "ranked"]
         configs["popularity only (HTTP floor)"] = ["popularity"]
         runs: list[tuple[str, list[str] | None, int, dict[str, str] | None]] = []
         for name, stages in configs.items():  # extra worker counts for the full chain only
@@ -168,9 +167,10 @@ def run(args: Any) -> Path:
                 continue
             print(f"[recommend] load: {label}", flush=True)
             load[label] = ladder(run_dir, mix_file, stages=stages, seconds=args.seconds, levels=levels,
-                                 workers=workers, env=env)
+                                 workers=workers, env=env, every_level=bool(args.levels))
     res["load"] = load
     res["config"] = {"level_seconds": args.seconds, "levels": levels, "p99_limit_ms": P99_LIMIT_MS,
+                     "every_level": bool(args.levels),
                      "client": "locust FastHttpUser, headless, closed loop (wait 0), same 2 cores as the server",
                      "mix": "bench_serve.request_mix: 1/4 known users, 1/4 carts, 1/4 context texts, 1/4 empty; k=12"}
     return res.write()
@@ -205,7 +205,7 @@ def run_pair(args: Any) -> Path:
     """Full chain with torch on 1 thread (the service's default) vs OMP_NUM_THREADS=2, interleaved."""
     res = Result("threads-load")
     run_dir = bench_run_dir("hm")
-    levels = [1, 2, 4, 8, 16, 32, 64][: args.max_level]
+    levels = args.levels or [1, 2, 4, 8, 16, 32, 64][: args.max_level]
     with tempfile.TemporaryDirectory(prefix="perf-mix-") as tmp:
         mix_file = Path(tmp) / "mix.json"
         mix_file.write_text(json.dumps([b for _, b in request_bodies(run_dir, 1000, 3)]))

@@ -32,7 +32,7 @@ def item_tower_vectors(tmp: Path) -> Path | None:
 
 
 def run(args: Any) -> Path:
-    import bench_store
+    from benchmarks import bench_store
 
     res = Result("store")
     runs: dict[str, Any] = {}

@@ -312,6 +312,9 @@ class NewArrivals(VectorNeighbours):
         self.fresh_days = fresh_days
         self.pool = np.zeros(0, np.int64)  # the fresh items' catalogue rows
         self.prior = np.zeros(0, np.float32)  # (n,) the share of each item's category that sold when fresh
+        # the pool's vectors and priors, gathered once: gathering them per request copied ~45 MB each time
+        self.pool_vectors = np.zeros((0, 0), np.float32)
+        self.pool_prior = np.zeros(0, np.float32)
 
     def fit(self, data: TrainData) -> Self:
         """The fresh pool and the per-category sell-through of fresh items, as of the window's end."""
@@ -337,6 +340,8 @@ class NewArrivals(VectorNeighbours):
         share = (sold + 1.0) / (held + 100.0)  # a little smoothing: a category with no fresh sale is not 0
         self.prior = share[codes].astype(np.float32)
         self.pool = np.flatnonzero(fresh | (log.pop <= 0))
+        self.pool_vectors = np.ascontiguousarray(self.vectors[self.pool])
+        self.pool_prior = self.prior[self.pool]
         return self
 
     def candidates(self, queries: Sequence[Query], k: int) -> list[Candidates]:
@@ -349,7 +354,7 @@ class NewArrivals(VectorNeighbours):
         if not len(pool):
             return out
         k = min(k, len(pool))
-        v, prior = self.vectors[pool], self.prior[pool]
+        v, prior = self.pool_vectors, self.pool_prior
         for start in range(0, len(todo), self.batch):
             batch = todo[start : start + self.batch]
             scores = (1.0 + qv[batch] @ v.T) / 2.0 * prior[None, :]  # (batch, pool)
