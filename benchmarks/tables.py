@@ -488,7 +488,8 @@ def search() -> str:
 def ranker_latency() -> str:
     """The served chain's time per request on one thread, by part (newest ranker-latency file)."""
     result = newest("ranker-latency", "-hm")
-    lat: Mapping[str, Any] = result.data.get("latency") or {}
+    # the parts of one request, then (newer files) each candidate source timed on its own
+    lat: Mapping[str, Any] = {**(result.data.get("latency") or {}), **(result.data.get("sources") or {})}
     keys = ("p50_ms", "p90_ms", "p99_ms", "max_ms")
     table = numeric_table(["part", "p50 ms", "p90 ms", "p99 ms", "max ms"], [[part] for part in lat],
                           [[stats.get(k) for k in keys] for stats in lat.values()], digits=1, bold=False)

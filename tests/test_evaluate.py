@@ -176,16 +176,24 @@ def test_chain_source_recall_scores_each_source_and_the_union() -> None:
     from atelier.evaluate import CandidateLister, chain_source_recall
 
     class Lister:
+        asked = 0
+
         def candidate_lists(self, queries: list[Query]) -> dict[str, list[list[str]]]:
+            self.asked += 1
             near = [[f"n{i}" for i in range(300)] for _ in queries]  # the bought item sits at rank 120
             own = [["cart", "a"] for _ in queries]
             return {"union": [n + o for n, o in zip(near, own, strict=True)], "near": near, "own": own}
 
-    assert isinstance(Lister(), CandidateLister)
-    queries = [Query("u1", cart=("cart",)), Query("u2")]
-    actual = {"u1": {"n120", "a"}, "u2": {"zzz"}}
-    out = chain_source_recall(Lister(), {"cart": (queries, actual), "empty": ([], {})})
-    assert set(out) == {"union", "near", "own"} and set(out["near"]) == {"cart"}
+    lister = Lister()
+    assert isinstance(lister, CandidateLister)
+    queries = [Query("u1", cart=("cart",)), Query("u2"), Query("u3", history=("x",))]
+    actual = {"u1": {"n120", "a"}, "u2": {"zzz"}, "u3": {"n0"}}
+    out = chain_source_recall(lister, {"cart": (queries, actual, [True, True, False]),
+                                       "history": (queries, actual, [False, False, True]),
+                                       "empty": (queries, actual, [False, False, False])})
+    assert lister.asked == 1  # one list of queries: its candidates are asked for once
+    assert set(out) == {"union", "near", "own"} and set(out["near"]) == {"cart", "history"}
+    assert out["near"]["history"]["recall@50"] == 1.0 and out["own"]["history"]["recall@200"] == 0.0
     assert out["near"]["cart"]["recall@100"] == 0.0 and out["near"]["cart"]["recall@200"] == 0.25
     assert out["own"]["cart"]["recall@50"] == 0.25  # "a" for u1 (1 of 2), nothing for u2
     assert out["union"]["cart"]["recall@all"] == 0.5

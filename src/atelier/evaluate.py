@@ -121,24 +121,33 @@ class CandidateLister(Protocol):
 
 
 def chain_source_recall(
-    rec: CandidateLister, cohorts: dict[str, tuple[list[Query], dict[str, set[str]]]],
+    rec: CandidateLister, cohorts: dict[str, tuple[list[Query], dict[str, set[str]], Sequence[bool]]],
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Recall@50/100/200 of each of a chain's own sources per cohort, as ``source_recall`` scores the rule
-    sources; the ``union`` row holds the recall of all candidates (``recall@all``) and their mean count."""
+    sources; the ``union`` row holds the recall of all candidates (``recall@all``) and their mean count.
+
+    A cohort is the queries of a list the chain was just asked for (its candidates are remembered, so they
+    are not built again) where its mask is true."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     k = max(SOURCE_KS)
-    for cohort, (queries, actual) in cohorts.items():
-        if not queries:
+    lists_of: dict[int, dict[str, list[list[str]]]] = {}  # per query list: every source's lists, asked once
+    for cohort, (queries, actual, mask) in cohorts.items():
+        rows = [i for i, keep in enumerate(mask) if keep]
+        if not rows:
             continue
-        truth = {q.user_id: actual[q.user_id] for q in queries}
-        for name, lists in rec.candidate_lists(queries).items():
+        if id(queries) not in lists_of:
+            lists_of[id(queries)] = rec.candidate_lists(queries)
+        chosen = [queries[i] for i in rows]
+        truth = {q.user_id: actual[q.user_id] for q in chosen}
+        for name, every in lists_of[id(queries)].items():
+            lists = [every[i] for i in rows]
             if name == "union":  # every candidate, however many: what the ranker can reach at best
-                union = without_cart(queries, lists, max(map(len, lists), default=0))
+                union = without_cart(chosen, lists, max(map(len, lists), default=0))
                 found = [len(truth[u] & set(union[u])) / len(truth[u]) for u in truth if truth[u]]
                 row = {"recall@all": float(np.mean(found)) if found else 0.0,
                        "candidates": float(np.mean([len(v) for v in union.values()])), "users": float(len(found))}
             else:
-                per_user = score_users(truth, without_cart(queries, lists, k), ks=SOURCE_KS)
+                per_user = score_users(truth, without_cart(chosen, lists, k), ks=SOURCE_KS)
                 row = {**{f"recall@{c}": float(per_user[f"recall@{c}"].mean()) for c in SOURCE_KS},
                        "users": float(len(per_user))}
             out.setdefault(name, {})[cohort] = row
@@ -226,8 +235,9 @@ def evaluate(
         if isinstance(rec, CandidateLister) and "chain_sources" not in report:
             # every chain model of a window shares its candidates (just built for these queries): once is enough
             report["chain_sources"] = chain_source_recall(rec, {
-                "with_history": (with_history, actual), "without_history": (without, actual),
-                "cart": (carts, cart_actual)})
+                "with_history": (queries, actual, [bool(q.history) for q in queries]),
+                "without_history": (queries, actual, [not q.history for q in queries]),
+                "cart": (carts, cart_actual, [True] * len(carts))})
     return report
 
 
