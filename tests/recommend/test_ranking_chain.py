@@ -22,7 +22,7 @@ from atelier.recommend.ranking import RankedChain, RankingPipeline, RankingSpec,
 from atelier.recommend.sources import CoBought, Colourways, OwnItems, Popular
 from atelier.recommender import Query, TrainData
 from atelier.schema import load_schema
-from atelier.train.ranker import ChainRecommender, RankerTrainConfig, period_starts, ranking_rows
+from atelier.train.ranker import ChainRecommender, RankerTrainConfig, clearly_better, period_starts, ranking_rows
 from atelier.vocab import build_vocab
 
 DAY = pd.Timestamp("2020-09-15")
@@ -297,3 +297,13 @@ def test_a_posted_product_keeps_its_retrieval_slot_in_the_ranked_stage(toy: tupl
     assert near.asked == 1
     stage.remove_item("posted-1")
     assert "posted-1" not in {s.item_id for s in stage.recommend(request)} and near.asked == 1
+
+
+def test_the_fallback_takes_the_ranker_only_when_it_is_clearly_better() -> None:
+    """A small average gain with a wide spread is noise: new shoppers keep popularity."""
+    rng = np.random.default_rng(0)
+    base = rng.random(400)
+    assert clearly_better(base + 0.05, base)  # every shopper gains
+    noisy = base + rng.normal(0.005, 0.3, 400)  # a higher mean, but within the noise
+    assert noisy.mean() > base.mean() and not clearly_better(noisy, base)
+    assert not clearly_better(base, base) and not clearly_better(base[:1] + 1, base[:1])

@@ -260,9 +260,20 @@ def train_lightgbm(rows: Rows, objective: str, tcfg: RankerTrainConfig) -> Light
     return LightGBMScorer(model.booster_, categories, name=f"lightgbm-{objective}")
 
 
+def clearly_better(ours: np.ndarray, theirs: np.ndarray, z: float = 2.0) -> bool:
+    """Whether per-shopper scores ``ours`` beat ``theirs`` (the same shoppers, in order) by more than ``z``
+    standard errors of the mean paired difference: a gain a resample of shoppers would not undo."""
+    diff = np.asarray(ours, np.float64) - np.asarray(theirs, np.float64)
+    if len(diff) < 2:
+        return False
+    return bool(diff.mean() > z * diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
 def choose_fallback(rows: Rows, scorer: RowScorer) -> tuple[str, dict[str, float]]:
-    """Ranker or plain popularity for shoppers the sources know nothing about, whichever scores the higher
-    MAP@12 on the last label period (inside the training window: the test window is never looked at)."""
+    """Ranker or plain popularity for shoppers the sources know nothing about, measured by MAP@12 on the last
+    label period (inside the training window: the test window is never looked at). Popularity stays unless
+    the ranker is clearly better (``clearly_better``): one seed's lucky margin once served new shoppers a
+    ranker that lost to popularity on later days."""
     last = rows.periods[-1]
     asked = [(q, t) for q, t in zip(last.queries, last.truth, strict=True) if knows_nothing(q) and t]
     if not asked:
@@ -274,10 +285,11 @@ def choose_fallback(rows: Rows, scorer: RowScorer) -> tuple[str, dict[str, float
     chain = RankedChain(last.pipeline, scorer, fallback="ranker")
     ranked = {q.user_id: [r.item_id for r in got] for q, got in zip(queries, chain.rank(queries, 12), strict=True)}
     popular = {q.user_id: last.pipeline.popular[:12] for q in queries}
-    figures = {f"{name}_map@12": float(score_users(actual, predicted, ks=(12,))["map@12"].mean())
-               for name, predicted in (("ranker", ranked), ("popularity", popular))}
+    ap = {name: score_users(actual, predicted, ks=(12,))["map@12"].to_numpy()
+          for name, predicted in (("ranker", ranked), ("popularity", popular))}
+    figures = {f"{name}_map@12": float(values.mean()) for name, values in ap.items()}
     figures["shoppers"] = float(len(queries))
-    return ("ranker" if figures["ranker_map@12"] > figures["popularity_map@12"] else "popularity"), figures
+    return ("ranker" if clearly_better(ap["ranker"], ap["popularity"]) else "popularity"), figures
 
 
 # --------------------------------------------------------------------------- the harness recommender
