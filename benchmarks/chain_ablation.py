@@ -18,7 +18,8 @@ Run::
     .venv/bin/python -m benchmarks.chain_ablation --run-dir runs [--groups seeds sources features] [--max-users N]
 
 Writes ``benchmarks/results/chain-ablation-<date>-<dataset>.json`` (``--out`` elsewhere): per group the
-harness report (with ``chain_sources``, each source's own recall).
+harness report (with ``chain_sources``, each source's own recall). Groups already in that file and not
+named in ``--groups`` are kept (a group that failed can be run again alone).
 """
 
 from __future__ import annotations
@@ -150,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commit, today = git_commit(), date.today().isoformat()  # at the start: the code that ran
     out = args.out or RESULTS / f"chain-ablation-{today}-{args.dataset}.json"
     groups: dict[str, Any] = {}
+    if out.is_file():  # groups an earlier run of the same day filed stay, unless run again now
+        earlier = json.loads(out.read_text())
+        groups = {g: v for g, v in earlier.get("groups", {}).items() if g not in args.groups}
     for group in args.groups:
         t0 = time.perf_counter()
 
@@ -158,7 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         report = evaluate(args.dataset, settings.paths.dataset(args.dataset), suite(settings, args.dataset, group),
                           settings.paths.features, max_users=args.max_users, on_model=progress)
-        groups[group] = {"seconds": round(time.perf_counter() - t0, 1), "summary": summary(report), "report": report}
+        groups[group] = {"seconds": round(time.perf_counter() - t0, 1), "git_commit": commit,
+                         "command": "python -m benchmarks.chain_ablation " + " ".join(sys.argv[1:] if argv is None
+                                                                                      else argv),
+                         "summary": summary(report), "report": report}
         for name, row in groups[group]["summary"].items():
             print(f"{group:8s} {name:40s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items() if v is not None),
                   flush=True)

@@ -155,10 +155,16 @@ class RankingPipeline:
         """Fit the sources on the window and take the snapshot its features read."""
         self.generator.fit(data)
         spaces = {}
-        for space in self.spec.spaces:  # the neighbour source already holds the unit vectors
-            source = next(s for s in self.generator.sources if s.name == f"near:{space}")
-            assert isinstance(source, VectorNeighbours)
-            spaces[space] = source.vectors
+        for space in self.spec.spaces:
+            # a neighbour source of the space already holds its unit vectors; a chain without one (an ablation)
+            # reads them itself
+            source = next((s for s in self.generator.sources
+                           if isinstance(s, VectorNeighbours) and s.name.endswith(f":{space}")), None)
+            if source is not None:
+                spaces[space] = source.vectors
+            else:
+                v = np.asarray(self.vectors[space](data), dtype=np.float32)
+                spaces[space] = v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
         self.values = attribute_values(data, self.spec.attributes)
         self.snapshot = Snapshot.build(data, self.spec.window_days, attribute_codes(self.values), spaces)
         popular = next((s for s in self.generator.sources if isinstance(s, Popular)), None)
