@@ -41,6 +41,7 @@ from atelier.recommend.sources import (
     Popular,
     RecommenderSource,
     VectorNeighbours,
+    unit_rows,
 )
 from atelier.recommend.user_tower import item_tower_for
 from atelier.recommender import Query, TrainData
@@ -163,8 +164,7 @@ class RankingPipeline:
             if source is not None:
                 spaces[space] = source.vectors
             else:
-                v = np.asarray(self.vectors[space](data), dtype=np.float32)
-                spaces[space] = v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
+                spaces[space] = unit_rows(self.vectors[space](data))
         self.values = attribute_values(data, self.spec.attributes)
         self.snapshot = Snapshot.build(data, self.spec.window_days, attribute_codes(self.values), spaces)
         popular = next((s for s in self.generator.sources if isinstance(s, Popular)), None)

@@ -246,6 +246,12 @@ class CategoryPopular(CandidateSource):
         return out
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """The rows of ``vectors`` as float32 unit vectors (a zero row stays zero)."""
+    v = np.asarray(vectors, dtype=np.float32)
+    return v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
+
+
 class VectorNeighbours(CandidateSource):
     """Nearest catalogue items to the shopper's items and cart in a vector space (item tower, MiniLM text):
     the unit mean of their vectors, each cart item counting ``cart_weight`` times, scored by cosine over
@@ -264,7 +270,7 @@ class VectorNeighbours(CandidateSource):
         super().fit(data)
         v = np.asarray(self.vectors_of(data), dtype=np.float32)
         assert len(v) == len(data.items), f"{self.name}: {len(v)} vectors for {len(data.items)} items"
-        self.vectors = v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
+        self.vectors = unit_rows(v)
         return self
 
     def query_vectors(self, queries: Sequence[Query]) -> tuple[np.ndarray, list[list[int]]]:
@@ -311,8 +317,8 @@ class NewArrivals(VectorNeighbours):
         super().__init__(name, vectors, window_days, cart_weight, batch)
         self.fresh_days = fresh_days
         self.pool = np.zeros(0, np.int64)  # the fresh items' catalogue rows
-        self.prior = np.zeros(0, np.float32)  # (n,) the share of each item's category that sold when fresh
-        # the pool's vectors and priors, gathered once: gathering them per request copied ~45 MB each time
+        # the pool's vectors and the share of each pool item's category that sold when fresh, gathered once
+        # at fit: gathering the vectors per request copied ~45 MB each time
         self.pool_vectors = np.zeros((0, 0), np.float32)
         self.pool_prior = np.zeros(0, np.float32)
 
@@ -338,10 +344,9 @@ class NewArrivals(VectorNeighbours):
         sold = np.bincount(codes[new], minlength=codes.max() + 1 if len(codes) else 1).astype(np.float32)
         held = np.bincount(codes[fresh], minlength=codes.max() + 1 if len(codes) else 1).astype(np.float32)
         share = (sold + 1.0) / (held + 100.0)  # a little smoothing: a category with no fresh sale is not 0
-        self.prior = share[codes].astype(np.float32)
         self.pool = np.flatnonzero(fresh | (log.pop <= 0))
         self.pool_vectors = np.ascontiguousarray(self.vectors[self.pool])
-        self.pool_prior = self.prior[self.pool]
+        self.pool_prior = share[codes[self.pool]].astype(np.float32)
         return self
 
     def candidates(self, queries: Sequence[Query], k: int) -> list[Candidates]:
